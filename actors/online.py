@@ -10,11 +10,13 @@ import io
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import ray
 
-from mmalign.config import JudgeConfig, LearnerConfig, SamplerConfig
+from actors.metrics import BusyTimer
+from mmalign.config import BDHSConfig, JudgeConfig, LearnerConfig, SamplerConfig
 
 
 def _device(num_gpus: float) -> str:
@@ -30,19 +32,39 @@ def _threads() -> None:
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
 
+def _timer(role: str, run_name: str) -> BusyTimer:
+    return BusyTimer(role, run_name, f"{role}-{ray.get_runtime_context().get_actor_id()[:8]}")
+
+
 @ray.remote
 class SamplerActor:
-    """Policy sampler: base weights + the learner's LoRA, versioned."""
+    """Policy sampler: base weights + the learner's LoRA, versioned. With `bdhs` set it also
+    regenerates BDHS rejected answers under the same weights (mode online-bdhs)."""
 
-    def __init__(self, sampler: SamplerConfig, learner: LearnerConfig) -> None:
+    def __init__(
+        self,
+        sampler: SamplerConfig,
+        learner: LearnerConfig,
+        bdhs: BDHSConfig | None = None,
+        run_name: str = "",
+    ) -> None:
         _threads()
         from mmalign.engines.learner import LearnerSettings
         from mmalign.engines.policy import PolicySampler
         from mmalign.models.loading import load_model
 
-        model, processor = load_model(sampler.model, sampler.dtype, _device(sampler.num_gpus))
+        device = _device(sampler.num_gpus)
+        model, processor = load_model(sampler.model, sampler.dtype, device)
         self.cfg = sampler
         self.policy = PolicySampler(model, processor, LearnerSettings.from_config(learner))
+        self.online_bdhs: Any = None
+        if bdhs is not None:
+            from mmalign.engines import online_bdhs
+
+            self.online_bdhs = online_bdhs.from_config(
+                self.policy, bdhs, sampler.max_new_tokens, device
+            )
+        self.timer = _timer("sampler", run_name)
 
     def sample(
         self, prompts: Sequence[str], images: Sequence[Any], seed: int
@@ -56,36 +78,61 @@ class SamplerActor:
             top_p=self.cfg.top_p,
             stop_strings=(),
         )
-        version = self.policy.version
-        out = self.policy.sample(prompts, images, self.cfg.samples_per_prompt, settings, seed)
+        with self.timer.work():
+            version = self.policy.version
+            out = self.policy.sample(prompts, images, self.cfg.samples_per_prompt, settings, seed)
         return version, out
 
+    def bdhs(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Any],
+        references: Sequence[str],
+        seeds: Sequence[int],
+    ) -> tuple[int, list[dict[str, Any]]]:
+        """(weight version used, one OnlineBDHSResult dict per row): y- under this policy."""
+        if self.online_bdhs is None:
+            raise RuntimeError("this sampler was started without a BDHS config")
+        with self.timer.work():
+            version = self.policy.version
+            out = self.online_bdhs.rejected(prompts, images, references, seeds)
+        return version, [asdict(r) for r in out]
+
     def load_adapter(self, state: Mapping[str, Any], version: int) -> dict[str, Any]:
-        return self.policy.load_adapter(state, version)
+        with self.timer.work():
+            return self.policy.load_adapter(state, version)
 
     def version(self) -> tuple[int, str]:
         return self.policy.version, self.policy.digest
+
+    def busy(self) -> dict[str, Any]:
+        return self.timer.stats()
 
 
 @ray.remote
 class JudgeActor:
     """The annotator (VLM both orders, or object-grounded) as an actor."""
 
-    def __init__(self, judge: JudgeConfig) -> None:
+    def __init__(self, judge: JudgeConfig, run_name: str = "") -> None:
         _threads()
         from mmalign.engines.judge_engine import JudgeEngine
 
         self.engine = JudgeEngine.from_config(judge)
+        self.timer = _timer("judge", run_name)
 
     def judge(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        return self.engine.judge(rows)
+        with self.timer.work():
+            return self.engine.judge(rows)
+
+    def busy(self) -> dict[str, Any]:
+        return self.timer.stats()
 
 
 @ray.remote
 class LearnerActor:
     """Preference learner; writes its own checkpoints so weights never pass the driver."""
 
-    def __init__(self, model: str, learner: LearnerConfig, dtype: str) -> None:
+    def __init__(self, model: str, learner: LearnerConfig, dtype: str, run_name: str = "") -> None:
         _threads()
         from mmalign.engines.learner import LearnerSettings, PreferenceLearner
         from mmalign.models.loading import load_model
@@ -95,12 +142,23 @@ class LearnerActor:
         settings = LearnerSettings.from_config(learner)
         self.learner = PreferenceLearner(base, processor, settings)
         self.processor = processor
+        self.timer = _timer("learner", run_name)
 
     def step(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        return self.learner.step(rows)
+        """Learner metrics + `two_rejected` (1.0 when the batch used the two-rejected loss)."""
+        from mmalign.engines.learner import rows_to_responses
+
+        with self.timer.work():
+            metrics = self.learner.step(rows)
+        kind = rows_to_responses(rows, self.learner.settings.loss)[1]
+        return {**metrics, "two_rejected": float(kind == "two_rejected")}
 
     def adapter_state(self) -> dict[str, Any]:
-        return self.learner.adapter_state()
+        with self.timer.work():
+            return self.learner.adapter_state()
+
+    def busy(self) -> dict[str, Any]:
+        return self.timer.stats()
 
     def save_checkpoint(self, uri: str) -> None:
         """learner.pt (exact resume state) + adapter/ (peft format) under `uri`."""

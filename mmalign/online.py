@@ -8,6 +8,7 @@ uninterrupted run drew, with no RNG state to save.
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -69,6 +70,41 @@ def online_pair(
         "source": "online",
         "version": version,
         "step": step,
+    }
+
+
+def bdhs_row_seed(seed: int, step: int, row_id: str) -> int:
+    """Stable 63-bit seed of one BDHS row at one loop step (independent of sharding and
+    retries), so a resumed run or a replacement sampler redraws the same masks and cuts."""
+    return (seed * 1_000_003 + step * 7_919 + zlib.crc32(row_id.encode())) % (2**63)
+
+
+def bdhs_pair(
+    row: Mapping[str, Any], result: Mapping[str, Any], *, step: int, version: int
+) -> dict[str, Any] | None:
+    """Online-BDHS learner row ([ALIGN] Sec. 3.4 + Eq. 5), or None when BDHS failed.
+
+    `row` is an offline learner row (chosen, rejected from the dataset), `result` an
+    OnlineBDHSResult dict (rejected, similarity, tries, error) produced by the policy at
+    weight `version`. The dataset's rejected stays first (weight gamma in the two-rejected
+    loss), the fresh BDHS y- goes to rejected_extra (weight 1 - gamma); a dataset
+    rejected_extra is replaced, since the loss takes exactly two rejected answers.
+    """
+    y_bdhs = str(result.get("rejected") or "").strip()
+    if result.get("error") or not y_bdhs or y_bdhs == row["chosen"].strip():
+        return None
+    return {
+        "id": pair_id(str(row["id"]), step, version),
+        "image": row["image"],
+        "prompt": row["prompt"],
+        "chosen": row["chosen"],
+        "rejected": row["rejected"],
+        "rejected_extra": [y_bdhs],
+        "source": "online-bdhs",
+        "version": version,
+        "step": step,
+        "bdhs_similarity": float(result.get("similarity", 0.0)),
+        "bdhs_tries": int(result.get("tries", 0)),
     }
 
 

@@ -9,9 +9,13 @@ Each step: `learner.batch_size` prompts are sharded over the sampler actors (k =
 `sampler.samples_per_prompt` answers each, with the policy's current LoRA weights); the
 judge compares the first two answers in both orders and keeps agreeing verdicts; in mode
 `mixed` each example is an offline pair (`data.offline_pairs`) with probability
-`pipeline.p_offline`; the learner takes one step; every `pipeline.sync_every` steps the
-LoRA adapter (only) goes to the samplers as a new weight version. Sampling of step t+1
-overlaps learning of step t when `pipeline.max_staleness >= 1`.
+`pipeline.p_offline`; in mode `online-bdhs` the step's examples are offline pairs whose
+chosen stays, and the samplers regenerate a BDHS rejected answer with the current weights
+(section `bdhs`), trained with the dataset's rejected through the two-rejected loss
+(`learner.gamma` on the dataset's, no judge). The learner takes one step; every
+`pipeline.sync_every` steps the LoRA adapter (only) goes to the samplers as a new weight
+version. Sampling of step t+1 overlaps learning of step t when `pipeline.max_staleness >= 1`.
+The summary reports pairs/s over the loop and each role's busy fraction.
 
 Outputs under `storage.output_dir`: checkpoints (resume by rerunning the same command),
 `pairs/step-*.jsonl` (every pair trained on, with id, version and lag), TensorBoard logs,
@@ -35,11 +39,12 @@ from mmalign.config import Config, ConfigError, parse_args  # noqa: E402
 
 def check_config(cfg: Config) -> None:
     """Cross-field checks of this pipeline, at start, naming the field."""
-    if cfg.pipeline.mode == "mixed" and not cfg.data.offline_pairs:
-        raise ConfigError("data.offline_pairs: mode 'mixed' needs an offline preference Parquet")
-    if cfg.pipeline.mode == "online-bdhs":
-        raise ConfigError("pipeline.mode: 'online-bdhs' is not available yet (BDHS operator)")
-    if cfg.sampler.samples_per_prompt < 2:
+    mode = cfg.pipeline.mode
+    if mode in ("mixed", "online-bdhs") and not cfg.data.offline_pairs:
+        raise ConfigError(f"data.offline_pairs: mode {mode!r} needs an offline preference Parquet")
+    if mode == "online-bdhs" and cfg.bdhs.variant not in ("bdhs", "bdhs-noise"):
+        raise ConfigError("bdhs.variant: mode 'online-bdhs' needs 'bdhs' or 'bdhs-noise'")
+    if mode != "online-bdhs" and cfg.sampler.samples_per_prompt < 2:
         raise ConfigError("sampler.samples_per_prompt: the judge needs at least 2 samples")
 
 
@@ -106,43 +111,107 @@ def periodic_eval(cfg: Config, learner: Any, step: int) -> dict[str, float]:
     return {"eval_pope_f1": report["pope_mean_f1"], "eval_chair_i": report["chair"]["chair_i"]}
 
 
+def judged_pairs(
+    judge: Any, done: list, step: int, cfg: Config, offline: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Modes online/mixed: the judge ranks each prompt's first two samples (both orders);
+    in mode mixed the slots drawn offline in submit() are filled from the dataset."""
+    import ray
+
+    judged = [(r, resp, v) for shard, v, samples in done for r, resp in zip(shard, samples)]
+    verdicts = ray.get(
+        judge.judge.remote(
+            [
+                {
+                    "image": r["images"][0],
+                    "question": r["prompt"],
+                    "response_a": resp[0],
+                    "response_b": resp[1],
+                    "objects": r["objects"],
+                }
+                for r, resp, _ in judged
+            ]
+        )
+    )
+    pairs = [
+        online.online_pair(r, resp, vd, step=step, version=v)
+        for (r, resp, v), vd in zip(judged, verdicts)
+    ]
+    pairs = [p for p in pairs if p is not None]
+    if cfg.pipeline.mode == "mixed":
+        n_off = cfg.learner.batch_size - len(judged)
+        picks = online.batch_indices(
+            len(offline), cfg.learner.batch_size, step, cfg.sampler.seed + 1
+        )
+        pairs += [offline[i] for i in picks[:n_off]]
+    counts = {
+        "samples": sum(len(resp) for _, resp, _ in judged),
+        "judged": len(verdicts),
+        "kept": sum(bool(v.get("kept")) for v in verdicts),
+        "ties": sum(v.get("reason") == "tie" for v in verdicts),
+    }
+    return pairs, counts
+
+
+def bdhs_pairs(done: list, step: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Mode online-bdhs: dataset chosen + dataset rejected + the policy's fresh BDHS y-."""
+    pairs, failed = [], 0
+    for shard, version, results in done:
+        for row, res in zip(shard, results, strict=True):
+            pair = online.bdhs_pair(row, res, step=step, version=version)
+            failed += pair is None
+            pairs += [pair] if pair is not None else []
+    return pairs, {"samples": sum(len(shard) for shard, _, _ in done), "bdhs_failed": failed}
+
+
+TOTALS = ("pairs", "samples", "judged", "kept", "ties", "bdhs_failed", "two_rejected_steps")
+
+
 def run(cfg: Config) -> dict[str, Any]:
     import ray
 
-    from actors.metrics import MetricsSink
+    from actors.metrics import MetricsSink, busy_fractions
     from actors.online import JudgeActor, LearnerActor, SamplerActor
     from actors.runtime import init_ray
 
     check_config(cfg)
     init_ray(cfg.pipeline.ray_address)
-    records, quarantined = mio.read_prompts(
-        cfg.data.prompts, cfg.data.image_root, cfg.data.max_rows, cfg.data.world_seed
-    )
-    out = cfg.storage.output_dir
-    if quarantined:
-        mio.write_jsonl(quarantined, storage.join(out, "quarantine.jsonl"))
-        print(f"quarantined {len(quarantined)} prompt rows -> {out}/quarantine.jsonl")
-    offline = load_offline(cfg)
     L, S, P = cfg.learner, cfg.sampler, cfg.pipeline
+    use_bdhs = P.mode == "online-bdhs"
+    out = cfg.storage.output_dir
+    records: list[dict[str, Any]] = []
+    if not use_bdhs:  # online-bdhs draws its prompts from the offline pairs
+        records, quarantined = mio.read_prompts(
+            cfg.data.prompts, cfg.data.image_root, cfg.data.max_rows, cfg.data.world_seed
+        )
+        if quarantined:
+            mio.write_jsonl(quarantined, storage.join(out, "quarantine.jsonl"))
+            print(f"quarantined {len(quarantined)} prompt rows -> {out}/quarantine.jsonl")
+    offline = load_offline(cfg)
     res = {"num_cpus": S.num_cpus, "num_gpus": S.num_gpus}
+    bdhs_cfg = cfg.bdhs if use_bdhs else None
     samplers = [
-        SamplerActor.options(name=f"{cfg.name}-sampler-{j}", **res).remote(S, L)
+        SamplerActor.options(name=f"{cfg.name}-sampler-{j}", **res).remote(S, L, bdhs_cfg, cfg.name)
         for j in range(S.concurrency)
     ]
-    judge = JudgeActor.options(num_cpus=cfg.judge.num_cpus, num_gpus=cfg.judge.num_gpus).remote(
-        cfg.judge
-    )
+    judge = None
+    if not use_bdhs:
+        judge = JudgeActor.options(num_cpus=cfg.judge.num_cpus, num_gpus=cfg.judge.num_gpus).remote(
+            cfg.judge, cfg.name
+        )
     learner = LearnerActor.options(num_cpus=L.num_cpus, num_gpus=1 if L.use_gpu else 0).remote(
-        S.model, L, S.dtype
+        S.model, L, S.dtype, cfg.name
     )
     # surface a failed model load now, not at the first checkpoint
-    ray.get([a.__ray_ready__.remote() for a in [*samplers, judge, learner]])
+    roles = [*samplers, learner, *([judge] if judge else [])]
+    ray.get([a.__ray_ready__.remote() for a in roles])
     ckpts = Checkpoints(cfg.storage.checkpoints)
-    start, version, totals = 0, 0, {"pairs": 0, "samples": 0, "judged": 0, "kept": 0, "ties": 0}
+    start, version, totals = 0, 0, dict.fromkeys(TOTALS, 0)
     resumed = ckpts.latest() if cfg.storage.resume else None
     if resumed:
         ray.get(learner.load_checkpoint.remote(resumed["uri"]))
-        start, version, totals = resumed["step"], resumed["version"], resumed["totals"]
+        start, version = resumed["step"], resumed["version"]
+        totals = {**totals, **resumed["totals"]}
         if version > 0:
             state = learner.adapter_state.remote()
             ray.get([s.load_adapter.remote(state, version) for s in samplers])
@@ -150,51 +219,58 @@ def run(cfg: Config) -> dict[str, Any]:
     tb = storage.join(out, "tensorboard") if not storage.is_s3(out) else None
     sink = MetricsSink(cfg.name, tb)
 
-    def submit(step: int) -> list[tuple[int, list[dict[str, Any]], int, Any]]:
-        """Shard this step's online prompts: (sampler index, records, seed, ref) per shard.
+    def submit(step: int) -> list[tuple[int, list[dict[str, Any]], tuple, Any]]:
+        """Shard this step's examples: (sampler index, rows, call args, ref) per shard.
 
         In mode 'mixed' the offline slots (probability p) are not sampled at all."""
-        idx = online.batch_indices(len(records), L.batch_size, step, S.seed)
-        if P.mode == "mixed":
-            offline_slot = online.mixed_choices(len(idx), P.p_offline, S.seed, step)
-            idx = [i for i, off in zip(idx, offline_slot) if not off]
-        batch = [records[i] for i in idx]
+        if use_bdhs:
+            batch = [
+                offline[i] for i in online.batch_indices(len(offline), L.batch_size, step, S.seed)
+            ]
+        else:
+            idx = online.batch_indices(len(records), L.batch_size, step, S.seed)
+            if P.mode == "mixed":
+                offline_slot = online.mixed_choices(len(idx), P.p_offline, S.seed, step)
+                idx = [i for i, off in zip(idx, offline_slot) if not off]
+            batch = [records[i] for i in idx]
         shards = [batch[j :: len(samplers)] for j in range(len(samplers))]
-        return [
-            (j, shard, S.seed + step, sample_on(j, shard, S.seed + step))
-            for j, shard in enumerate(shards)
-            if shard
-        ]
+        todo = [(j, shard, call_args(shard, step)) for j, shard in enumerate(shards) if shard]
+        return [(j, shard, args, call(j, args)) for j, shard, args in todo]
 
-    def sample_on(j: int, shard: list[dict[str, Any]], seed: int) -> Any:
-        return samplers[j].sample.remote(
-            [r["prompt"] for r in shard], [r["images"][0] for r in shard], seed
-        )
+    def call_args(shard: list[dict[str, Any]], step: int) -> tuple:
+        """Arguments of the sampler call, fixed per (shard, step) so a retry repeats it."""
+        prompts = [r["prompt"] for r in shard]
+        if use_bdhs:
+            seeds = [online.bdhs_row_seed(cfg.bdhs.seed, step, str(r["id"])) for r in shard]
+            return prompts, [r["image"] for r in shard], [r["chosen"] for r in shard], seeds
+        return prompts, [r["images"][0] for r in shard], S.seed + step
+
+    def call(j: int, args: tuple) -> Any:
+        return (samplers[j].bdhs if use_bdhs else samplers[j].sample).remote(*args)
 
     def replace(j: int) -> None:
         """A fresh sampler in slot j holding the current weight version."""
         print(f"sampler {j} died; replacing it (weights v{version})", flush=True)
-        samplers[j] = SamplerActor.options(**res).remote(S, L)  # unnamed
+        samplers[j] = SamplerActor.options(**res).remote(S, L, bdhs_cfg, cfg.name)  # unnamed
         if version > 0:
             ray.get(samplers[j].load_adapter.remote(learner.adapter_state.remote(), version))
 
-    def collect(pending: list) -> list[tuple[list[dict[str, Any]], int, list[list[str]]]]:
-        """Results per shard; a sampler that died is replaced and the shard asked again.
-
-        The replacement holds the current weights, so its samples carry version `version`;
-        a shard's pairs are built only from the one answer that arrives (no duplicates)."""
+    def collect(pending: list) -> list[tuple[list[dict[str, Any]], int, list]]:
+        """(rows, weight version, outputs) per shard; a sampler that died is replaced and the
+        shard asked again. The replacement holds the current weights, so its outputs carry
+        version `version`; a shard's pairs come only from the one answer that arrives."""
         results = []
-        for j, shard, seed, ref in pending:
+        for j, shard, args, ref in pending:
             for attempt in range(3):
                 try:
-                    got_version, samples = ray.get(ref)
+                    got_version, outputs = ray.get(ref)
                     break
                 except ray.exceptions.RayActorError:
                     if attempt == 2:
                         raise
                     replace(j)
-                    ref = sample_on(j, shard, seed)
-            results.append((shard, got_version, samples))
+                    ref = call(j, args)
+            results.append((shard, got_version, outputs))
         return results
 
     def sync(state: Any) -> list[dict[str, Any]]:
@@ -207,92 +283,73 @@ def run(cfg: Config) -> dict[str, Any]:
                 replace(j)
         return stats
 
+    def busy() -> dict[str, list[float]]:
+        """Busy seconds of each live actor, by role (all idle when this is called)."""
+        by_role = {"sampler": samplers, "learner": [learner], "judge": [judge] if judge else []}
+        snap = {}
+        for role, actors in by_role.items():
+            if actors:
+                refs = [a.busy.remote() for a in actors]
+                snap[role] = [_busy_s(ref) for ref in refs]
+        return snap
+
+    busy0, t_loop, loop_pairs = busy(), time.time(), 0
     pending = submit(start) if start < L.steps else []
     for step in range(start, L.steps):
         t0 = time.time()
-        done = collect(pending)  # (records, version, samples) per shard
+        done = collect(pending)  # (rows, version, outputs) per shard
         lag = max((online.staleness(v, version) for _, v, _ in done), default=0)
         if lag > P.max_staleness:
             raise RuntimeError(f"samples are {lag} versions old (max {P.max_staleness})")
-        judged = [(r, resp, v) for shard, v, samples in done for r, resp in zip(shard, samples)]
-        verdicts = ray.get(
-            judge.judge.remote(
-                [
-                    {
-                        "image": r["images"][0],
-                        "question": r["prompt"],
-                        "response_a": resp[0],
-                        "response_b": resp[1],
-                        "objects": r["objects"],
-                    }
-                    for r, resp, _ in judged
-                ]
-            )
-        )
-        pairs = [
-            online.online_pair(r, resp, vd, step=step, version=v)
-            for (r, resp, v), vd in zip(judged, verdicts)
-        ]
-        pairs = [p for p in pairs if p is not None]
-        if P.mode == "mixed":  # the slots drawn offline in submit(), filled from the dataset
-            n_off = L.batch_size - len(judged)
-            picks = online.batch_indices(len(offline), L.batch_size, step, S.seed + 1)
-            pairs += [offline[i] for i in picks[:n_off]]
+        if use_bdhs:
+            pairs, counts = bdhs_pairs(done, step)
+        else:
+            pairs, counts = judged_pairs(judge, done, step, cfg, offline)
         queue = 0
         if step + 1 < L.steps and P.max_staleness >= 1:
             pending = submit(step + 1)  # overlaps with this learner step (lag <= 1)
             queue = len(pending)
         metrics = ray.get(learner.step.remote(pairs)) if pairs else {}
-        log_rows = [
-            {
-                "id": p["id"],
-                "source": p["source"],
-                "version": p["version"],
-                "step": step,
-                "lag": version - p["version"] if p["version"] >= 0 else None,
-            }
-            for p in pairs
-        ]
-        mio.write_jsonl(log_rows, storage.join(out, "pairs", f"step-{step:06d}.jsonl"))
+        mio.write_jsonl(
+            [pair_log(p, step, version) for p in pairs],
+            storage.join(out, "pairs", f"step-{step:06d}.jsonl"),
+        )
         if (step + 1) % P.sync_every == 0 and pairs:
             version += 1
-            state = learner.adapter_state.remote()
-            synced = sync(state) or [{"bytes": 0.0, "seconds": 0.0}]
+            synced = sync(learner.adapter_state.remote()) or [{"bytes": 0.0, "seconds": 0.0}]
             metrics["sync_bytes"] = synced[0]["bytes"]
             metrics["sync_seconds"] = max(x["seconds"] for x in synced)
         if step + 1 < L.steps and P.max_staleness < 1:
             pending = submit(step + 1)
-        n_samples = sum(len(resp) for _, resp, _ in judged)
-        ties = sum(v.get("reason") == "tie" for v in verdicts)
-        kept = sum(bool(v.get("kept")) for v in verdicts)
-        totals = {
-            k: totals[k] + d
-            for k, d in (
-                ("pairs", len(pairs)),
-                ("samples", n_samples),
-                ("judged", len(verdicts)),
-                ("kept", kept),
-                ("ties", ties),
-            )
+        counts = {
+            **counts,
+            "pairs": len(pairs),
+            "two_rejected_steps": metrics.get("two_rejected", 0),
         }
+        totals = {k: totals.get(k, 0) + int(counts.get(k, 0)) for k in totals}
+        loop_pairs += len(pairs)
         dt = time.time() - t0
+        judged = max(1, counts.get("judged", 0))
         values = {
             **{k: float(v) for k, v in metrics.items()},
             "pairs": len(pairs),
-            "samples": n_samples,
-            "samples_per_s": n_samples / dt,
+            "samples": counts["samples"],
+            "samples_per_s": counts["samples"] / dt,
             "pairs_per_s": len(pairs) / dt,
-            "judge_agreement": kept / max(1, len(verdicts)),
-            "judge_tie_rate": ties / max(1, len(verdicts)),
             "version_lag": lag,
             "queue_depth": queue,
             "weight_version": version,
         }
+        if not use_bdhs:
+            values["judge_agreement"] = counts["kept"] / judged
+            values["judge_tie_rate"] = counts["ties"] / judged
         sink.log(step, values)
         if (step + 1) % P.log_every == 0:
             print(
-                f"step {step + 1}/{L.steps} pairs {len(pairs)} kept {kept}/{len(verdicts)} "
-                f"loss {values.get('loss', float('nan')):.4f} "
+                f"step {step + 1}/{L.steps} pairs {len(pairs)} "
+                + (f"bdhs failed {counts['bdhs_failed']} " if use_bdhs else "")
+                + (f"kept {counts['kept']}/{counts['judged']} " if not use_bdhs else "")
+                + f"loss {values.get('loss', float('nan')):.4f} "
                 f"margin {values.get('reward_margin', 0.0):.4f} v{version} lag {lag} "
                 f"{dt:.1f}s",
                 flush=True,
@@ -301,9 +358,25 @@ def run(cfg: Config) -> dict[str, Any]:
             sink.log(step, periodic_eval(cfg, learner, step + 1))
         if (step + 1) % cfg.storage.checkpoint_every == 0 or step + 1 == L.steps:
             ckpts.save(learner, step + 1, {"step": step + 1, "version": version, "totals": totals})
+    wall = time.time() - t_loop
+    fractions = busy_fractions(busy0, busy(), wall)
+    sink.log(L.steps, {f"{role}_busy_fraction": f for role, f in fractions.items()})
     sink.close()
     merged = ray.get(learner.export_merged.remote(storage.join(out, "merged")))
-    summary = {"steps": L.steps, "weight_version": version, "totals": totals, "merged": merged}
+    summary = {
+        "mode": P.mode,
+        "steps": L.steps,
+        "weight_version": version,
+        "totals": totals,
+        "merged": merged,
+        # this run's loop only (a resumed run counts its own steps)
+        "loop": {
+            "steps": L.steps - start,
+            "wall_s": round(wall, 3),
+            "pairs_per_s": round(loop_pairs / wall, 4) if wall > 0 else 0.0,
+            "busy_fraction": {role: round(f, 4) for role, f in fractions.items()},
+        },
+    }
     if P.eval_rows > 0:
         from pipelines.evaluate import run_evaluation
 
@@ -318,6 +391,32 @@ def run(cfg: Config) -> dict[str, Any]:
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
     print(json.dumps(summary))
     return summary
+
+
+def pair_log(pair: dict[str, Any], step: int, version: int) -> dict[str, Any]:
+    """One line of pairs/step-*.jsonl: identity, weight version, lag and the texts."""
+    row = {
+        "id": pair["id"],
+        "source": pair["source"],
+        "version": pair["version"],
+        "step": step,
+        "lag": version - pair["version"] if pair["version"] >= 0 else None,
+        "chosen": pair["chosen"],
+        "rejected": pair["rejected"],
+        "rejected_extra": list(pair.get("rejected_extra") or []),
+    }
+    if "bdhs_similarity" in pair:
+        row["bdhs_similarity"] = pair["bdhs_similarity"]
+    return row
+
+
+def _busy_s(ref: Any) -> float:
+    import ray
+
+    try:
+        return float(ray.get(ref)["busy_s"])
+    except ray.exceptions.RayActorError:  # a sampler that died after its last call
+        return 0.0
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

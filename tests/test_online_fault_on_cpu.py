@@ -21,8 +21,9 @@ POLICY = ROOT / "assets" / "models" / "shapes-llava-small"
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["online", "online-bdhs"])
 def test_sampler_killed_mid_run_loses_and_duplicates_nothing_on_cpu(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
 ) -> None:
     import ray
 
@@ -31,9 +32,21 @@ def test_sampler_killed_mid_run_loses_and_duplicates_nothing_on_cpu(
 
     assert (POLICY / "config.json").exists(), "the shipped tiny policy is missing"
     out = tmp_path / "run"
+    extra = {}
+    if mode == "online-bdhs":
+        from tests.test_online_bdhs_on_cpu import _offline_parquet
+
+        _offline_parquet(tmp_path / "offline.parquet", 12)
+        extra = {
+            "pipeline.mode": mode,
+            "data.offline_pairs": str(tmp_path / "offline.parquet"),
+            "bdhs.n_bdhs": "2",
+            "bdhs.splitter": "regex",
+        }
     cfg = config.load(
         str(ROOT / "pipelines/configs/shapes-cpu.yaml"),
         {
+            **extra,
             "name": "faulttest",
             "sampler.model": str(POLICY),
             "sampler.concurrency": "2",

@@ -138,6 +138,9 @@ def test_ray_job_submit_online_dpo_on_cpu(tmp_path: Path) -> None:
         assert (out / "merged" / "config.json").exists() and (out / "eval" / "report.json").exists()
         assert any(name.endswith("mmalign_weight_version") for name in seen), sorted(seen)
         assert any("mmalign_samples" in name for name in seen), sorted(seen)
+        # the actors' own busy timers (exported from the sampler/judge/learner processes)
+        assert any("mmalign_busy_seconds" in name for name in seen), sorted(seen)
+        assert set(summary["loop"]["busy_fraction"]) == {"sampler", "judge", "learner"}
 
         # rerun the same command: it resumes at step 4 and has nothing left to train
         again = subprocess.run(

@@ -34,3 +34,37 @@ def test_online_pair_orders_by_verdict_and_drops_unusable() -> None:
     )
     assert online.online_pair(rec, ["same.", "same."], win_b, step=0, version=0) is None
     assert online.staleness(2, 3) == 1
+
+
+def test_bdhs_pair_keeps_dataset_rejected_first_and_drops_failures() -> None:
+    row = {
+        "id": "off3",
+        "image": b"png",
+        "prompt": "Describe.",
+        "chosen": "A red circle.",
+        "rejected": "A blue square.",
+        "rejected_extra": ["old extra"],
+    }
+    ok = {"rejected": " A green cross. ", "similarity": 0.8, "tries": 2, "error": ""}
+    pair = online.bdhs_pair(row, ok, step=4, version=3)
+    assert pair is not None
+    assert (pair["chosen"], pair["rejected"]) == ("A red circle.", "A blue square.")
+    assert pair["rejected_extra"] == ["A green cross."]  # BDHS y- replaces the old extra
+    assert (pair["id"], pair["version"], pair["source"]) == ("off3@s4v3", 3, "online-bdhs")
+    assert online.bdhs_pair(row, {**ok, "error": "bdhs: gate"}, step=4, version=3) is None
+    assert online.bdhs_pair(row, {**ok, "rejected": "A red circle."}, step=0, version=0) is None
+    seeds = {online.bdhs_row_seed(0, s, "off3") for s in range(3)}
+    assert len(seeds) == 3 and online.bdhs_row_seed(0, 1, "off3") == online.bdhs_row_seed(
+        0, 1, "off3"
+    )
+
+
+def test_busy_fractions_per_role() -> None:
+    from actors.metrics import busy_fractions
+
+    before = {"sampler": [1.0, 2.0], "learner": [0.5]}
+    after = {"sampler": [6.0, 4.0], "learner": [8.5], "judge": [3.0]}
+    got = busy_fractions(before, after, wall_s=10.0)
+    assert got == {"sampler": 7.0 / 20.0, "learner": 0.8, "judge": 0.3}
+    # a replaced actor restarts at 0: its slot counts the replacement's own work
+    assert busy_fractions({"sampler": [5.0]}, {"sampler": [1.0]}, 10.0) == {"sampler": 0.1}
