@@ -22,6 +22,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -36,6 +37,7 @@ from mmalign.models.tiny_llava import (
     build_tiny_llava,
     count_parameters,
 )
+from mmalign.models.vision_pretrain import VisionPretrainConfig, pretrain_vision
 from mmalign.shapes.world import WorldConfig, generate_split
 
 
@@ -57,6 +59,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)"
     )
     p.add_argument("--device", default="cpu", help="torch device for training and eval")
+    p.add_argument(
+        "--loss-per",
+        choices=("token", "example"),
+        default="token",
+        help="SFT loss averaging: over answer tokens, or per conversation (see SFTConfig)",
+    )
+    p.add_argument(
+        "--vision-steps",
+        type=int,
+        default=0,
+        help="dense vision pre-training steps before SFT (mmalign.models.vision_pretrain)",
+    )
+    p.add_argument(
+        "--freeze-vision",
+        action="store_true",
+        help="keep the vision tower fixed during SFT (LLaVA stage 2 style; projector trains)",
+    )
+    p.add_argument(
+        "--task-weights",
+        default="",
+        help='SFT task mix, e.g. "describe=0.3,existence=0.5,count=0.1,colour=0.05,position=0.05"',
+    )
     return p.parse_args(argv)
 
 
@@ -65,7 +89,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     world = WorldConfig(seed=args.world_seed, bias_strength=args.bias_strength)
-    records = generate_split(world, "sft", args.n_sft)
+    sft_world = world
+    if args.task_weights:
+        pairs = [item.split("=") for item in args.task_weights.split(",")]
+        sft_world = replace(world, task_weights=tuple((k.strip(), float(v)) for k, v in pairs))
+    records = generate_split(sft_world, "sft", args.n_sft)
     if args.init:  # continue training a saved model (its size/patch flags are ignored)
         model, processor = load_model(args.init)
     else:
@@ -73,12 +101,23 @@ def main(argv: list[str] | None = None) -> dict:
             args.size, seed=args.model_seed, image_size=world.image_size, patch_size=args.patch_size
         )
     model.to(args.device)
+    if args.vision_steps > 0:
+        vcfg = VisionPretrainConfig(steps=args.vision_steps, seed=args.model_seed)
+        pretrain_vision(model, processor, records, vcfg, log=lambda msg: print(msg, flush=True))
+    if args.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
     data = tokenize_records(processor, records)
     print(
         f"{len(data)} sft conversations, {count_parameters(model)} params, {time.time() - t0:.0f}s"
     )
 
-    cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.model_seed)
+    cfg = SFTConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.model_seed,
+        loss_per=args.loss_per,
+    )
     losses = train_sft(model, data, cfg, log=lambda msg: print(msg, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(args.out)

@@ -64,6 +64,21 @@ def test_loss_equals_cross_entropy_over_answer_tokens_on_cpu(setup: tuple) -> No
         assert math.isclose(float(sft_loss(model, batch)), total / count, rel_tol=1e-5)
 
 
+def test_per_example_loss_weighs_each_conversation_equally_on_cpu(setup: tuple) -> None:
+    model, _, _, data = setup
+    batch = data.batch(torch.arange(4))
+    with torch.no_grad():
+        rows = [
+            float(sft_loss(model, {k: v[b : b + 1] for k, v in batch.items()})) for b in range(4)
+        ]
+        per_example = float(sft_loss(model, batch, per="example"))
+    assert math.isclose(per_example, sum(rows) / 4, rel_tol=1e-5)
+    # Rows have different answer lengths, so the token mean differs from the row mean.
+    assert not math.isclose(float(sft_loss(model, batch)), per_example, rel_tol=1e-3)
+    with pytest.raises(ValueError, match="loss_per"):
+        sft_loss(model, batch, per="sentence")
+
+
 def test_lr_schedule_hand_values_on_cpu() -> None:
     cfg = SFTConfig(steps=110, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1)

@@ -1,19 +1,19 @@
-"""Batched greedy generation with plain HF `generate`, for calibration and quick checks.
+"""Batched greedy answers for calibration and quick checks, through the project's engine.
 
-Not the project's generation engine (mmalign/engines/): no sampling options, no BDHS
-per-position masks beyond "keep each image token with probability keep_prob". A masked
-image token gets attention_mask 0, and HF `generate` derives position_ids as
-cumsum(attention_mask) - 1, so masking here equals dropping those rows (positions shift).
+A thin adapter from (PNG bytes, question) pairs to `HFGenerationEngine.generate` (greedy,
+"mask" semantics: a hidden image position gets attention 0 and every other position
+keeps its place), so training scripts evaluate with exactly the decoding the pipelines use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import torch
+import numpy as np
 
+from mmalign.engines.hf_generation import HFGenerationEngine, SamplingSettings
+from mmalign.engines.mm_inputs import VLRequest
 from mmalign.models.tiny_llava import format_prompt
-from mmalign.shapes.render import from_png
 
 
 def generate_greedy(
@@ -24,34 +24,25 @@ def generate_greedy(
     keep_prob: float = 1.0,
     seed: int = 0,
 ) -> list[str]:
-    """Greedy answers to (PNG bytes, question) pairs, one batch, prompt in LLaVA format.
+    """Greedy answers to (PNG bytes, question) pairs, prompt in LLaVA-1.5 format.
 
     keep_prob: each image-token position stays visible with this probability (1.0: the
-    full image; 0.0: every image token masked, i.e. a text-only model).
+    full image; 0.0: every image token masked, i.e. a text-only model); the draw is
+    seeded by `seed`, one mask per item.
     """
-    tok = processor.tokenizer
-    tok.padding_side = "left"
-    images = [from_png(png) for png, _ in items]
-    prompts = [format_prompt(q) for _, q in items]
-    enc = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-    if keep_prob < 1.0:
-        is_image = enc["input_ids"] == model.config.image_token_index
-        gen = torch.Generator().manual_seed(seed)
-        drop = is_image & (torch.rand(is_image.shape, generator=gen) >= keep_prob)
-        enc["attention_mask"] = enc["attention_mask"].masked_fill(drop, 0)
-    enc = enc.to(model.device)
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
+    engine = HFGenerationEngine(model, processor)
+    rng = np.random.default_rng(seed)
+    n_image = engine.num_image_tokens
+    requests = [
+        VLRequest(
+            format_prompt(question),
+            png,
+            visible=None if keep_prob >= 1.0 else rng.random(n_image) < keep_prob,
         )
-    return [
-        s.strip()
-        for s in tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for png, question in items
     ]
+    settings = SamplingSettings(max_new_tokens=max_new_tokens, stop_strings=())
+    return [out.text.strip() for out in engine.generate(requests, settings)]
 
 
 def greedy_fn(

@@ -44,6 +44,10 @@ class SFTConfig:
     """Seed of batch order."""
     log_every: int = 50
     """Log every this many steps."""
+    loss_per: str = "token"
+    """"token": mean over all answer tokens of the batch (long descriptions dominate);
+    "example": mean over conversations of each one's mean token loss, so a one-word
+    yes/no answer weighs as much as a four-sentence description."""
 
 
 @dataclass
@@ -108,8 +112,11 @@ def tokenize_records(processor, records: Sequence[dict], chunk: int = 512) -> To
     return TokenizedSet(input_ids, labels, mask, torch.cat(pixels))
 
 
-def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: ANN001
-    """Mean cross-entropy over answer tokens (labels != IGNORE_INDEX); scalar tensor.
+def sft_loss(model, batch: dict[str, torch.Tensor], per: str = "token") -> torch.Tensor:  # noqa: ANN001
+    """Cross-entropy over answer tokens (labels != IGNORE_INDEX); scalar tensor.
+
+    per="token": mean over every answer token of the batch; per="example": mean over
+    rows of each row's mean answer-token loss (see SFTConfig.loss_per).
 
     The LM head runs only on the positions that predict an answer token: with 64 image
     tokens most positions are prompt, and the head is a third of the tiny model's compute.
@@ -122,7 +129,15 @@ def sft_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:  # noqa: AN
     targets = batch["labels"][:, 1:]  # token t is predicted from position t-1
     keep = targets != IGNORE_INDEX
     logits = model.lm_head(hidden[:, :-1][keep])  # (n_answer_tokens, V)
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    if per == "token":
+        return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    if per != "example":
+        raise ValueError(f"SFTConfig.loss_per must be 'token' or 'example', got {per!r}")
+    token_loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
+    counts = keep.sum(1)  # (B,) answer tokens per row
+    rows = keep.nonzero()[:, 0]  # row of each kept token, row-major like targets[keep]
+    weights = 1.0 / counts[rows].clamp(min=1)
+    return (token_loss * weights).sum() / int((counts > 0).sum())
 
 
 def lr_at(step: int, cfg: SFTConfig) -> float:
@@ -157,7 +172,7 @@ def train_sft(
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = {k: v.to(device, non_blocking=True) for k, v in data.batch(idx).items()}
-        loss = sft_loss(model, batch)
+        loss = sft_loss(model, batch, cfg.loss_per)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
