@@ -2,7 +2,8 @@
 
     ds.map_batches(JudgePool, fn_constructor_kwargs={"judge": to_dict(cfg.judge)},
                    batch_size=cfg.judge.batch_size, concurrency=cfg.judge.concurrency,
-                   num_cpus=cfg.judge.num_cpus, num_gpus=cfg.judge.num_gpus)
+                   num_cpus=cfg.judge.num_cpus, num_gpus=cfg.judge.num_gpus,
+                   resources=parse_resources(cfg.judge.resources))  # node-type labels
 
 Needs the columns of mmalign.engines.judge_engine.JUDGE_COLUMNS (`image` or `images`,
 `question`, `response_a`, `response_b`, and `objects` for kind="objects"). One output row

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from mmalign import storage
-from mmalign.config import LearnerConfig
+from mmalign.config import LearnerConfig, parse_resources
 from mmalign.engines.distributed_learner import (
     MEAN_KEYS,
     LoopState,
@@ -273,6 +273,7 @@ def make_trainer(
     resources: dict[str, float] = {"CPU": lc.num_cpus}
     if lc.use_gpu:
         resources["GPU"] = 1
+    resources.update(parse_resources(lc.resources, "learner.resources"))  # node-type labels
     return TorchTrainer(
         train_loop,
         train_loop_config={"loop": loop},

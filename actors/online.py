@@ -16,7 +16,13 @@ from typing import Any
 import ray
 
 from actors.metrics import BusyTimer
-from mmalign.config import BDHSConfig, JudgeConfig, LearnerConfig, SamplerConfig
+from mmalign.config import (
+    BDHSConfig,
+    JudgeConfig,
+    LearnerConfig,
+    SamplerConfig,
+    parse_resources,
+)
 
 
 def _device(num_gpus: float) -> str:
@@ -30,6 +36,12 @@ def _threads() -> None:
     import torch
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
+def actor_options(num_cpus: float, num_gpus: float, resources: str = "") -> dict[str, Any]:
+    """`.options(**...)` of one role's actors: CPUs, GPUs and the custom resource labels
+    (config `resources`, e.g. 'sampler_node:0.01') that pin the role to its node type."""
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": parse_resources(resources)}
 
 
 def _timer(role: str, run_name: str) -> BusyTimer:
@@ -83,6 +95,14 @@ class SamplerActor:
             out = self.policy.sample(prompts, images, self.cfg.samples_per_prompt, settings, seed)
         return version, out
 
+    def sample_refs(self, refs: Sequence[Any], seed: int) -> tuple[int, list[list[str]]]:
+        """`sample` on prompt rows given as operators.prompt_source.RowRef: the rows are
+        read from the object store here, never through the driver."""
+        from operators.prompt_source import resolve_rows
+
+        rows = resolve_rows(refs)
+        return self.sample([r["prompt"] for r in rows], [r["images"][0] for r in rows], seed)
+
     def bdhs(
         self,
         prompts: Sequence[str],
@@ -124,6 +144,27 @@ class JudgeActor:
         with self.timer.work():
             return self.engine.judge(rows)
 
+    def judge_refs(
+        self, refs: Sequence[Any], responses: Sequence[Sequence[str]]
+    ) -> list[dict[str, Any]]:
+        """Verdicts on each prompt row's first two responses; rows arrive as RowRefs and
+        are resolved here (image and objects come from the object store)."""
+        from operators.prompt_source import resolve_rows
+
+        rows = resolve_rows(refs)
+        return self.judge(
+            [
+                {
+                    "image": r["images"][0],
+                    "question": r["prompt"],
+                    "response_a": resp[0],
+                    "response_b": resp[1],
+                    "objects": r["objects"],
+                }
+                for r, resp in zip(rows, responses, strict=True)
+            ]
+        )
+
     def busy(self) -> dict[str, Any]:
         return self.timer.stats()
 
@@ -147,7 +188,9 @@ class LearnerActor:
     def step(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """Learner metrics + `two_rejected` (1.0 when the batch used the two-rejected loss)."""
         from mmalign.engines.learner import rows_to_responses
+        from operators.prompt_source import resolve_pairs
 
+        rows = resolve_pairs(rows)  # online pairs carry RowRefs, not image bytes
         with self.timer.work():
             metrics = self.learner.step(rows)
         kind = rows_to_responses(rows, self.learner.settings.loss)[1]

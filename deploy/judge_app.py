@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from ray import serve
 from ray.serve import Application
 
-from mmalign.config import JudgeConfig, from_dict, to_dict
+from mmalign.config import JudgeConfig, from_dict, parse_resources, to_dict
 from mmalign.engines.judge_engine import JudgeEngine, validate_row
 from mmalign.judge import JudgeStats
 
@@ -141,13 +141,17 @@ class JudgeDeployment:
 def build_app(args: dict[str, Any]) -> Application:
     """Serve application builder; `args` are JudgeConfig fields (validated, typos fail).
 
-    Replica resources come from the config (num_cpus, num_gpus); `concurrency` is the
+    Replica resources come from the config (num_cpus, num_gpus, resources); `concurrency` is the
     autoscaling ceiling. A Serve config file's `deployments:` section overrides these.
     """
     cfg: JudgeConfig = from_dict(JudgeConfig, dict(args or {}), "judge")
     cfg.validate("judge")
     return JudgeDeployment.options(  # type: ignore[attr-defined]
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        ray_actor_options={
+            "num_cpus": cfg.num_cpus,
+            "num_gpus": cfg.num_gpus,
+            "resources": parse_resources(cfg.resources),  # e.g. judge_node: the 80 GB nodes
+        },
         autoscaling_config={
             "min_replicas": 1,
             "max_replicas": cfg.concurrency,

@@ -330,3 +330,96 @@ def bdhs_sample(
                 tuple(sims),
             )
     raise AssertionError("unreachable: the loop returns on its last try")
+
+
+# A request of one row of a batch: (row index into the batch, request).
+RowRequest = tuple[int, ContinuationRequest]
+BatchGenerateFn = Callable[[Sequence[RowRequest]], list[str]]
+
+
+def bdhs_sample_batch(
+    references: Sequence[str],
+    generate_fn: BatchGenerateFn,
+    embed_fn: EmbedFn,
+    rngs: Sequence[np.random.Generator],
+    settings: BDHSSettings,
+    *,
+    num_image_positions: int,
+    splitter: Splitter = split_sentences_regex,
+) -> list[BDHSResult]:
+    """bdhs_sample for n rows stepping together: one generate_fn and one embed_fn call per try.
+
+    At try i every row still open (not yet accepted) draws its mask and plan from its own
+    rng, in the same order as bdhs_sample, so row r's result equals
+    bdhs_sample(references[r], ..., rngs[r]) whenever generate_fn / embed_fn answer a row
+    the same way alone or in a batch (greedy decoding). Rows leave the batch as soon as
+    they are accepted; the rest retry. All requests of one call are guided (stop at ".")
+    or, on the final try, all unguided, never mixed.
+
+    Args:
+        references: n reference answers y+.
+        generate_fn: [(row, request)] -> new text of each request, in order.
+        embed_fn: list of texts -> float array [len, d]; called once for the n references,
+            then once per try with the open rows' candidates.
+        rngs: n generators, one per row.
+    Returns: n BDHSResult, in the order of references.
+    """
+    n = len(references)
+    if len(rngs) != n:
+        raise ValueError(f"bdhs_sample_batch: {len(rngs)} rngs for {n} references")
+    if n == 0:
+        return []
+    spans = [sentence_spans(ref, splitter) for ref in references]
+    ref_embs = np.asarray(embed_fn(list(references)))
+    sims: list[list[float]] = [[] for _ in range(n)]
+    results: list[BDHSResult | None] = [None] * n
+    open_rows = list(range(n))
+    for i in range(1, settings.n_bdhs + 1):
+        visible = {
+            r: sample_visibility_mask(num_image_positions, settings.rho_th, rngs[r])
+            for r in open_rows
+        }
+        unguided = settings.n_bdhs > 1 and i == settings.n_bdhs
+        plans: dict[int, ContinuationPlan] = {}
+        if unguided:
+            outs = generate_fn([(r, ContinuationRequest(visible[r], "", False)) for r in open_rows])
+            rejected = {r: o.strip() for r, o in zip(open_rows, outs, strict=True)}
+        else:
+            plans = {
+                r: plan_continuations(
+                    references[r], spans[r], visible[r], rngs[r], settings.swap_prob
+                )
+                for r in open_rows
+            }
+            calls = [(r, q) for r in open_rows for q in plans[r].requests]
+            outs = generate_fn(calls) if calls else []
+            if len(outs) != len(calls):
+                raise ValueError(f"generate_fn returned {len(outs)} texts for {len(calls)}")
+            rejected, pos = {}, 0
+            for r in open_rows:
+                k = len(plans[r].requests)
+                pieces = plans[r].pieces(outs[pos : pos + k])
+                rejected[r] = assemble_rejected(references[r], spans[r], pieces)
+                pos += k
+        embs = np.asarray(embed_fn([rejected[r] for r in open_rows]))
+        for j, r in enumerate(open_rows):
+            sims[r].append(cosine(embs[j], ref_embs[r]))
+            density = float(visible[r].mean()) if num_image_positions else 0.0
+            accepted = unguided or sims[r][-1] < settings.eps_s
+            if accepted or i == settings.n_bdhs:
+                plan = plans.get(r)
+                results[r] = BDHSResult(
+                    rejected[r],
+                    sims[r][-1],
+                    i,
+                    unguided,
+                    accepted,
+                    plan.cut_points if plan else (),
+                    plan.swapped if plan else (),
+                    density,
+                    tuple(sims[r]),
+                )
+        open_rows = [r for r in open_rows if results[r] is None]
+        if not open_rows:
+            break
+    return [res for res in results if res is not None]

@@ -44,6 +44,43 @@ def _one_of(value: str, choices: tuple[str, ...], name: str) -> None:
     _check(value in choices, name, f"must be one of {list(choices)}, got {value!r}")
 
 
+_RESERVED = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def parse_resources(spec: str, name: str = "resources") -> dict[str, float]:
+    """'sampler_node:0.01,other:1' -> {'sampler_node': 0.01, 'other': 1.0}; '' -> {}.
+
+    Custom Ray resources (the labels cluster.yaml's node types advertise); CPU/GPU go in
+    num_cpus/num_gpus. Raises ConfigError naming `name` on a malformed entry.
+    """
+    out: dict[str, float] = {}
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        label, sep, amount = item.partition(":")
+        label = label.strip()
+        _check(bool(sep) and bool(label), name, f"expected 'label:amount', got {item!r}")
+        _check(label not in _RESERVED, name, f"{label!r} is not custom: use num_cpus/num_gpus")
+        _check(label not in out, name, f"{label!r} appears twice")
+        try:
+            value = float(amount)
+        except ValueError:
+            raise ConfigError(
+                f"{name}: amount of {label!r} must be a number, got {amount!r}"
+            ) from None
+        _check(value > 0, name, f"amount of {label!r} must be > 0, got {value}")
+        out[label] = value
+    return out
+
+
+def _resources_opt(example: str) -> Any:
+    return opt(
+        "",
+        "Custom Ray resources per actor, 'label:amount[,label:amount]' (e.g. "
+        f"'{example}:0.01' lands it on cluster.yaml's {example} nodes); empty = none.",
+    )
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where prompts, images, reference answers and offline pairs come from."""
@@ -87,6 +124,7 @@ class SamplerConfig:
     concurrency: int = opt(1, "Number of sampler actors in the pool.")
     num_cpus: float = opt(0.5, "Logical CPUs per sampler actor (fractional is fine).")
     num_gpus: float = opt(0.0, "GPUs per sampler actor.")
+    resources: str = _resources_opt("sampler_node")
     seed: int = opt(0, "Base seed of sampling.")
 
     def validate(self, p: str) -> None:
@@ -98,6 +136,7 @@ class SamplerConfig:
             _check(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1")
         _check(self.num_cpus >= 0, f"{p}.num_cpus", "must be >= 0")
         _check(self.num_gpus >= 0, f"{p}.num_gpus", "must be >= 0")
+        parse_resources(self.resources, f"{p}.resources")
 
 
 @dataclass(frozen=True)
@@ -126,6 +165,7 @@ class BDHSConfig:
     temperature: float = opt(0.0, "Continuation temperature (0 = greedy).")
     embed_batch_size: int = opt(64, "Texts per embedder batch.")
     embed_concurrency: int = opt(1, "Number of embedder actors.")
+    resources: str = _resources_opt("sampler_node")
     seed: int = opt(0, "Seed for masks, cut points and yes/no swaps.")
 
     def validate(self, p: str) -> None:
@@ -139,6 +179,7 @@ class BDHSConfig:
         _check(self.temperature >= 0, f"{p}.temperature", "must be >= 0")
         _check(self.embed_batch_size >= 1, f"{p}.embed_batch_size", "must be >= 1")
         _check(self.embed_concurrency >= 1, f"{p}.embed_concurrency", "must be >= 1")
+        parse_resources(self.resources, f"{p}.resources")
 
 
 @dataclass(frozen=True)
@@ -149,25 +190,33 @@ class JudgeConfig:
         "vlm", "'vlm' (generative pairwise judge) or 'objects' (object-annotation judge)."
     )
     model: str = opt(
-        "assets/models/shapes-llava-large",
+        "assets/models/shapes-llava-judge",
         "Judge checkpoint for kind=vlm (the paper: llava-hf/llava-v1.6-34b-hf).",
     )
     engine: str = opt("hf", "Generation engine for the judge: 'hf' or 'vllm'.")
     dtype: str = opt("float32", "Judge dtype: float32, bfloat16 or float16.")
     both_orders: bool = opt(True, "Judge both presentation orders; keep a pair only if they agree.")
+    prompt_style: str = opt(
+        "full",
+        "Judge prompt: 'full' (long instructions, real VLMs) or 'compact' (a few words; the "
+        "tiny ShapesWorld judge assets/models/shapes-llava-judge is trained on it).",
+    )
     max_new_tokens: int = opt(48, "Tokens the judge may write (verdict + explanation).")
     batch_size: int = opt(8, "Judge requests per batch.")
     concurrency: int = opt(1, "Judge replicas / actors.")
     num_cpus: float = opt(0.5, "Logical CPUs per judge replica.")
     num_gpus: float = opt(0.0, "GPUs per judge replica (34B needs >= 80 GB GPUs).")
+    resources: str = _resources_opt("judge_node")
 
     def validate(self, p: str) -> None:
         _one_of(self.kind, ("vlm", "objects"), f"{p}.kind")
         _one_of(self.engine, ("hf", "vllm"), f"{p}.engine")
         _one_of(self.dtype, ("float32", "bfloat16", "float16"), f"{p}.dtype")
+        _one_of(self.prompt_style, ("full", "compact"), f"{p}.prompt_style")
         for name in ("max_new_tokens", "batch_size", "concurrency"):
             _check(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1")
         _check(self.num_cpus >= 0 and self.num_gpus >= 0, p, "num_cpus/num_gpus must be >= 0")
+        parse_resources(self.resources, f"{p}.resources")
 
 
 @dataclass(frozen=True)
@@ -201,6 +250,7 @@ class LearnerConfig:
     num_workers: int = opt(1, "Data-parallel learner workers (Ray Train).")
     use_gpu: bool = opt(False, "Train on GPUs (bf16 autocast).")
     num_cpus: float = opt(1.0, "Logical CPUs per learner worker.")
+    resources: str = _resources_opt("learner_node")
     seed: int = opt(0, "Seed of data order and LoRA init.")
 
     def validate(self, p: str) -> None:
@@ -218,6 +268,7 @@ class LearnerConfig:
             _check(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1")
         _check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
         _check(self.max_grad_norm >= 0, f"{p}.max_grad_norm", "must be >= 0")
+        parse_resources(self.resources, f"{p}.resources")
 
 
 @dataclass(frozen=True)

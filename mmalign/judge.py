@@ -53,11 +53,32 @@ JUDGE_ANSWER_FORMAT = (
 )
 
 
-def format_judge_prompt(question: str, response_1: str, response_2: str) -> str:
+# "compact": the same criteria in a few words, for small judges where every prompt token
+# costs (the tiny ShapesWorld judge is trained on exactly this format).
+COMPACT_JUDGE_QUESTION = (
+    "Which response is better? No invented objects or colours first, then more detail."
+)
+PROMPT_STYLES: tuple[str, ...] = ("full", "compact")
+
+
+def format_judge_prompt(
+    question: str, response_1: str, response_2: str, style: str = "full"
+) -> str:
     """The judge's question text for one presentation order (the engine adds the image).
 
+    style "full" carries the long instructions (real VLM judges); "compact" is question,
+    both responses and one short line (~20 tokens of instructions instead of ~150).
     Responses are shown verbatim (stripped) so the judge sees exactly what the policy wrote.
     """
+    if style == "compact":
+        return (
+            f"Question: {question.strip()}\n"
+            f"Response 1: {response_1.strip()}\n"
+            f"Response 2: {response_2.strip()}\n"
+            f"{COMPACT_JUDGE_QUESTION}"
+        )
+    if style != "full":
+        raise ValueError(f"judge prompt style must be one of {PROMPT_STYLES}, got {style!r}")
     return (
         f"{JUDGE_INSTRUCTIONS}\n\n"
         f"Question: {question.strip()}\n\n"
@@ -68,15 +89,19 @@ def format_judge_prompt(question: str, response_1: str, response_2: str) -> str:
 
 
 def build_judge_requests(
-    question: str, response_a: str, response_b: str, both_orders: bool = True
+    question: str,
+    response_a: str,
+    response_b: str,
+    both_orders: bool = True,
+    style: str = "full",
 ) -> list[str]:
     """Judge prompts for one pair: [order A] or [order A, order B].
 
     Order A shows y_a as Response 1; order B shows y_b as Response 1.
     """
-    prompts = [format_judge_prompt(question, response_a, response_b)]
+    prompts = [format_judge_prompt(question, response_a, response_b, style)]
     if both_orders:
-        prompts.append(format_judge_prompt(question, response_b, response_a))
+        prompts.append(format_judge_prompt(question, response_b, response_a, style))
     return prompts
 
 
@@ -150,16 +175,22 @@ class PairRequest:
 
 
 def judge_pairs(
-    pairs: Sequence[PairRequest], generate: GenerateFn, both_orders: bool = True
+    pairs: Sequence[PairRequest],
+    generate: GenerateFn,
+    both_orders: bool = True,
+    style: str = "full",
 ) -> list[Verdict]:
     """Judge many pairs with ONE generate call (2 prompts a pair with both orders).
+
+    `style` is the prompt style (`format_judge_prompt`): "compact" for the tiny judge.
 
     Returns one Verdict per pair, in order. `generate` must return one text per request;
     a wrong count raises ValueError (a silent misalignment would mislabel every pair).
     """
     requests: list[tuple[Any, str]] = []
     for p in pairs:
-        for prompt in build_judge_requests(p.question, p.response_a, p.response_b, both_orders):
+        prompts = build_judge_requests(p.question, p.response_a, p.response_b, both_orders, style)
+        for prompt in prompts:
             requests.append((p.image, prompt))
     texts = generate(requests) if requests else []
     if len(texts) != len(requests):
@@ -178,10 +209,11 @@ def judge_pair(
     response_b: str,
     generate: GenerateFn,
     both_orders: bool = True,
+    style: str = "full",
 ) -> Verdict:
     """Judge one pair (see `judge_pairs`)."""
     return judge_pairs(
-        [PairRequest(image, question, response_a, response_b)], generate, both_orders
+        [PairRequest(image, question, response_a, response_b)], generate, both_orders, style
     )[0]
 
 
@@ -291,3 +323,36 @@ class JudgeStats:
             "judge/invalid_rows": r.get("invalid", 0),
             "judge/errors": r.get("error", 0),
         }
+
+
+def judge_accuracy(
+    verdicts: Sequence[Mapping[str, Any]], labels: Sequence[str]
+) -> dict[str, float]:
+    """Accuracy of verdict rows against known better answers ("a"/"b" per pair).
+
+    Returns accuracy over kept pairs (the number that matters: only kept pairs become
+    preferences), correct-and-kept over all pairs, keep rate, agreement between orders
+    (pairs where both orders gave a decisive, parsed choice: fraction naming the same
+    answer) and single-order accuracy of order A alone (decisive outputs only; a judge
+    used without the order swap would score this). 0.0 where a denominator is empty.
+    """
+    if len(verdicts) != len(labels):
+        raise ValueError(f"{len(verdicts)} verdicts for {len(labels)} labels")
+    kept = [(v, y) for v, y in zip(verdicts, labels) if v["kept"]]
+    correct = sum(v["winner"] == y for v, y in kept)
+    decisive_both = [
+        v for v in verdicts if v["order_a"] in ("1", "2") and v["order_b"] in ("1", "2")
+    ]
+    agree = sum((v["order_a"] == "1") == (v["order_b"] == "2") for v in decisive_both)
+    single = [(v, y) for v, y in zip(verdicts, labels) if v["order_a"] in ("1", "2")]
+    single_ok = sum(("a" if v["order_a"] == "1" else "b") == y for v, y in single)
+    n = len(verdicts)
+    return {
+        "pairs": n,
+        "kept": len(kept),
+        "keep_rate": len(kept) / n if n else 0.0,
+        "accuracy_kept": correct / len(kept) if kept else 0.0,
+        "accuracy_all": correct / n if n else 0.0,
+        "order_agreement": agree / len(decisive_both) if decisive_both else 0.0,
+        "order_a_accuracy": single_ok / len(single) if single else 0.0,
+    }

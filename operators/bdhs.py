@@ -16,6 +16,16 @@ Variants (ALGORITHMS.md sections 2-3):
 For the two noise variants noise_steps = 0 means POVID's 500 (a noise variant without
 noise is a configuration mistake, not a request); the effective value is in meta.
 
+Data flow (BDHS variants): each sampler actor (GPU in production) holds only the policy.
+All rows of a batch step through the tries together (mmalign.bdhs.bdhs_sample_batch): per
+try, one generate() call with every sentence of every open row, then one embedding call
+with every open row's candidate y-, sent through an actor handle to a separate CPU pool of
+EmbedderActor (actors/embedder_pool.py, `bdhs.embed_concurrency` actors, started by the
+pipeline and passed in as `embedder_pool`). The call blocks, but it is one small request
+per try against a whole batch of generation, so the sampler stays busy; rows that pass the
+gate leave the batch, the rest retry with fresh masks. Without `embedder_pool` (dict-batch
+tests) the operator loads the embedder itself.
+
 Every row's randomness (mask, cuts, swaps, noise, sampling) is seeded from (seed, id), so
 a row's output depends neither on its batch nor on which run (first or resumed) made it.
 """
@@ -74,6 +84,10 @@ class BDHSOperator:
         embedder, embed_batch_size: mmalign.engines.embedder.SentenceEmbedder.
         splitter: "spacy" or "regex".
         seed: base seed; each row uses row_seed(seed, id).
+        embedder_pool: handles of actors.embedder_pool.EmbedderActor; when given, the
+            similarity gate calls that pool and this actor loads no embedder.
+        batched: True = all rows of a batch step together (bdhs_sample_batch: one
+            generate and one embed call per try); False = the per-row reference loop.
     """
 
     def __init__(
@@ -93,6 +107,8 @@ class BDHSOperator:
         embed_batch_size: int = 64,
         splitter: str = "spacy",
         seed: int = 0,
+        embedder_pool: list[Any] | None = None,
+        batched: bool = True,
     ) -> None:
         import torch
 
@@ -124,8 +140,13 @@ class BDHSOperator:
             mask_mode=mask_mode,  # type: ignore[arg-type]
         )
         self.splitter = split_sentences_spacy if splitter == "spacy" else split_sentences_regex
+        self.batched = batched
         self.embedder: Any = None
-        if variant != "povid":  # POVID needs no similarity gate
+        if variant != "povid" and embedder_pool:
+            from actors.embedder_pool import EmbedderClient
+
+            self.embedder = EmbedderClient(embedder_pool)
+        elif variant != "povid":  # POVID needs no similarity gate
             from mmalign.engines.embedder import SentenceEmbedder
 
             self.embedder = SentenceEmbedder(embedder, device=device, batch_size=embed_batch_size)
@@ -179,20 +200,23 @@ class BDHSOperator:
             num_image_positions=self.engine.num_image_tokens,
             splitter=self.splitter,
         )
-        meta = {
-            "iterations": res.tries,
-            "similarity": res.similarity,
-            "final_unguided": res.final_unguided,
-            "accepted": res.accepted,
-            "cut_points": list(res.cut_points),
-            "swapped": list(res.swapped),
-            "mask_density": res.mask_density,
-            "similarities": list(res.similarities),
-        }
-        error = ""
-        if not res.accepted:
-            error = f"bdhs: similarity {res.similarity:.3f} >= eps_s after {res.tries} tries"
-        return {"rejected": res.rejected, "meta": meta, "error": error}
+        return _result_row(res)
+
+    def _bdhs_rows(self, rows: list[tuple[int, str, Any, str, int]]) -> list[dict[str, Any]]:
+        """All rows of a batch in lockstep (mmalign.bdhs.bdhs_sample_batch)."""
+        from mmalign.bdhs import bdhs_sample_batch
+
+        gen_rows = [(p, self._noisy(img, s), s % (2**31)) for _, p, img, _, s in rows]
+        results = bdhs_sample_batch(
+            [ref for *_, ref, _ in rows],
+            self.engine.bdhs_batch_generate_fn(gen_rows, self.sampling),
+            self.embedder,
+            [np.random.default_rng(s) for *_, s in rows],
+            self.settings,
+            num_image_positions=self.engine.num_image_tokens,
+            splitter=self.splitter,
+        )
+        return [_result_row(res) for res in results]
 
     def _povid_rows(self, rows: list[tuple[int, str, Any, str, int]]) -> list[dict[str, Any]]:
         from mmalign.engines.mm_inputs import VLRequest
@@ -238,6 +262,8 @@ class BDHSOperator:
         results: list[dict[str, Any]]
         if self.variant == "povid":
             results = _guarded(self._povid_rows, todo)
+        elif self.batched:
+            results = _guarded(self._bdhs_rows, todo)
         else:
             results = [_guarded_one(self._bdhs_row, t[1:]) for t in todo]
         params = {**asdict(self.settings), "variant": self.variant}
@@ -248,6 +274,24 @@ class BDHSOperator:
             meta = {**params, "model_id": self.model_id, "row_seed": seed, **res.get("meta", {})}
             out["meta"][i] = json.dumps(meta, sort_keys=True)
         return {c: np.array(v, dtype=object) for c, v in out.items()}
+
+
+def _result_row(res: Any) -> dict[str, Any]:
+    """A BDHSResult -> {rejected, meta, error} of one output row."""
+    meta = {
+        "iterations": res.tries,
+        "similarity": res.similarity,
+        "final_unguided": res.final_unguided,
+        "accepted": res.accepted,
+        "cut_points": list(res.cut_points),
+        "swapped": list(res.swapped),
+        "mask_density": res.mask_density,
+        "similarities": list(res.similarities),
+    }
+    error = ""
+    if not res.accepted:
+        error = f"bdhs: similarity {res.similarity:.3f} >= eps_s after {res.tries} tries"
+    return {"rejected": res.rejected, "meta": meta, "error": error}
 
 
 def _guarded_one(fn: Any, args: tuple[Any, ...]) -> dict[str, Any]:

@@ -32,13 +32,15 @@ class GenerateOperator:
         top_p: float = 1.0,
         stop_strings: tuple[str, ...] = (),
         seed: int = 0,
+        engine: str = "hf",
     ) -> None:
         import torch
 
-        from mmalign.engines.hf_generation import HFGenerationEngine, SamplingSettings
+        from mmalign.engines.factory import load_generation_engine
+        from mmalign.engines.hf_generation import SamplingSettings
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.engine = HFGenerationEngine.from_pretrained(model, dtype=dtype, device=device)
+        self.engine = load_generation_engine(engine, model, dtype=dtype, device=device)
         self.settings = SamplingSettings(
             max_new_tokens=max_new_tokens,
             temperature=temperature,

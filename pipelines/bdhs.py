@@ -6,12 +6,13 @@
 
 Reads prompt records (`data.prompts`: shapesworld:pref, LLaVA JSON, Parquet; local or
 s3://), skips ids already written when `storage.resume` is on, runs a pool of
-`sampler.concurrency` BDHSOperator actors (each holds the policy `sampler.model` and the
-sentence embedder `bdhs.embedder`) and streams the rows into shards of
-`storage.shard_rows` rows at <output_dir>/bdhs/part-NNNNN.parquet. Each shard is written
-atomically, so a killed job loses only the shard in flight; rerunning resumes. Rows that
-cannot be used go to <output_dir>/bdhs/_quarantine.jsonl with a reason (the leading
-"_" keeps it out of Parquet readers of the directory, which skip "_" and "." files).
+`sampler.concurrency` BDHSOperator actors (each holds the policy `sampler.model`) that
+call a separate CPU pool of `bdhs.embed_concurrency` sentence-embedder actors
+(`bdhs.embedder`, actors/embedder_pool.py) for the similarity gate, and streams the rows
+into shards of `storage.shard_rows` rows at <output_dir>/bdhs/part-NNNNN.parquet. Each
+shard is written atomically, so a killed job loses only the shard in flight; rerunning
+resumes. Rows that cannot be used go to <output_dir>/bdhs/_quarantine.jsonl with a reason
+(the leading "_" keeps it out of Parquet readers of the directory, which skip "_" and "." files).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(
 
 from mmalign import io as mio  # noqa: E402
 from mmalign import storage  # noqa: E402
-from mmalign.config import Config, parse_args  # noqa: E402
+from mmalign.config import Config, parse_args, parse_resources  # noqa: E402
 from mmalign.schema import RowError  # noqa: E402
 
 _PART = re.compile(r"part-(\d+)\.parquet$")
@@ -113,6 +114,7 @@ def run_bdhs(cfg: Config) -> dict[str, Any]:
     """Generate rejected responses for `data.prompts`; returns the summary dict."""
     import ray
 
+    from actors.embedder_pool import pool_stats, start_embedder_pool, stop_embedder_pool
     from actors.runtime import init_ray, quiet_data_context
     from operators.bdhs import BDHSOperator, to_preference_row
 
@@ -135,19 +137,28 @@ def run_bdhs(cfg: Config) -> dict[str, Any]:
     writer = ShardWriter(out_dir, cfg.storage.shard_rows, first_index)
     quarantine_uri = storage.join(out_dir, "_quarantine.jsonl")
     metas: list[dict[str, Any]] = []
+    pool: list[Any] = []
+    embedder_stats: list[dict[str, Any]] = []
     t_first = t_last = 0.0  # arrival of the first/last output row (steady-state rate)
     if todo:
         init_ray(cfg.pipeline.ray_address)
         quiet_data_context()
         s = cfg.sampler
+        kwargs = operator_kwargs(cfg)
+        if cfg.bdhs.variant != "povid":  # POVID has no similarity gate
+            pool = start_embedder_pool(
+                cfg.bdhs.embedder, cfg.bdhs.embed_concurrency, 1.0, cfg.bdhs.embed_batch_size
+            )
+            kwargs["embedder_pool"] = pool
         items = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // s.batch_size))
         ds = items.map_batches(
             BDHSOperator,
-            fn_constructor_kwargs=operator_kwargs(cfg),
+            fn_constructor_kwargs=kwargs,
             batch_size=s.batch_size,
             compute=ray.data.ActorPoolStrategy(size=s.concurrency),
             num_cpus=s.num_cpus,
             num_gpus=s.num_gpus,
+            resources=parse_resources(cfg.bdhs.resources),  # e.g. sampler_node nodes
         )
         for out in _rows(ds.iter_batches(batch_size=s.batch_size, batch_format="numpy")):
             t_last = time.time()
@@ -165,6 +176,9 @@ def run_bdhs(cfg: Config) -> dict[str, Any]:
             if writer.index != shards_before:  # keep the quarantine as current as the shards
                 mio.write_jsonl(quarantine, quarantine_uri)
         writer.flush()
+        if pool:
+            embedder_stats = pool_stats(pool)
+            stop_embedder_pool(pool)
     mio.write_jsonl(quarantine, quarantine_uri)
     summary = summarize(metas, writer.written, len(quarantine))
     seconds = time.time() - t0
@@ -180,6 +194,7 @@ def run_bdhs(cfg: Config) -> dict[str, Any]:
             round((len(metas) - 1) / (t_last - t_first), 3) if t_last > t_first else None
         ),
         output=out_dir,
+        embedder_actors=embedder_stats,  # per embedder actor: pid, calls, texts served
     )
     return summary
 

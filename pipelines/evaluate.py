@@ -24,7 +24,7 @@ sys.path.insert(
 
 from mmalign import io as mio  # noqa: E402
 from mmalign import storage  # noqa: E402
-from mmalign.config import Config, parse_args  # noqa: E402
+from mmalign.config import Config, parse_args, parse_resources  # noqa: E402
 from mmalign.evaluation import (  # noqa: E402
     build_requests,
     format_report,
@@ -81,11 +81,13 @@ def run_evaluation(cfg: Config, model: str | None = None, max_rows: int = 0) -> 
             "dtype": cfg.sampler.dtype,
             "max_new_tokens": cfg.sampler.max_new_tokens,
             "temperature": 0.0,
+            "engine": cfg.sampler.engine,
         },
         batch_size=cfg.sampler.batch_size * 4,
         compute=ray.data.ActorPoolStrategy(size=cfg.sampler.concurrency),
         num_cpus=cfg.sampler.num_cpus,
         num_gpus=cfg.sampler.num_gpus,
+        resources=parse_resources(cfg.sampler.resources),  # e.g. sampler_node nodes
     )
     answers = {
         row["idx"]: row["response"] for row in ds.select_columns(["idx", "response"]).iter_rows()

@@ -5,6 +5,16 @@
         python pipelines/online_dpo.py --config pipelines/configs/shapes-cpu.yaml
     python pipelines/online_dpo.py --config pipelines/configs/llava-1.6-7b.yaml   # on a cluster
 
+Data flow (modes online/mixed): Ray Data reads, validates and loads `data.prompts` into
+object-store blocks (operators/prompt_source.py: map_batches tasks, one output row per
+input row, bad rows quarantined with their reason to quarantine.jsonl); the driver keeps
+only the block refs and an idx -> (block, offset) table, never image bytes. The loop itself
+is paced by this driver: each step it draws `batch_indices(seed, step)` and sends each
+sampler actor its shard as row refs; samplers, the judge and the learner read the rows
+from the object store themselves. A dead sampler's shard is re-sent, same refs, to its
+replacement. Mode online-bdhs and the offline pairs of mode mixed are still read on the
+driver (`load_offline`) and sent to the actors by value.
+
 Each step: `learner.batch_size` prompts are sharded over the sampler actors (k =
 `sampler.samples_per_prompt` answers each, with the policy's current LoRA weights); the
 judge compares the first two answers in both orders and keeps agreeing verdicts; in mode
@@ -115,24 +125,14 @@ def judged_pairs(
     judge: Any, done: list, step: int, cfg: Config, offline: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Modes online/mixed: the judge ranks each prompt's first two samples (both orders);
-    in mode mixed the slots drawn offline in submit() are filled from the dataset."""
+    in mode mixed the slots drawn offline in submit() are filled from the dataset. Rows
+    in `done` are stubs (id + RowRef): pairs carry the RowRef, resolved by the learner."""
     import ray
 
     judged = [(r, resp, v) for shard, v, samples in done for r, resp in zip(shard, samples)]
-    verdicts = ray.get(
-        judge.judge.remote(
-            [
-                {
-                    "image": r["images"][0],
-                    "question": r["prompt"],
-                    "response_a": resp[0],
-                    "response_b": resp[1],
-                    "objects": r["objects"],
-                }
-                for r, resp, _ in judged
-            ]
-        )
-    )
+    # rows are stubs holding RowRefs: the judge reads image/prompt/objects itself
+    refs = [r["images"][0] for r, _, _ in judged]
+    verdicts = ray.get(judge.judge_refs.remote(refs, [resp for _, resp, _ in judged]))
     pairs = [
         online.online_pair(r, resp, vd, step=step, version=v)
         for (r, resp, v), vd in zip(judged, verdicts)
@@ -171,24 +171,32 @@ def run(cfg: Config) -> dict[str, Any]:
     import ray
 
     from actors.metrics import MetricsSink, busy_fractions
-    from actors.online import JudgeActor, LearnerActor, SamplerActor
+    from actors.online import JudgeActor, LearnerActor, SamplerActor, actor_options
     from actors.runtime import init_ray
+    from operators.prompt_source import read_prompt_source
 
     check_config(cfg)
     init_ray(cfg.pipeline.ray_address)
     L, S, P = cfg.learner, cfg.sampler, cfg.pipeline
     use_bdhs = P.mode == "online-bdhs"
     out = cfg.storage.output_dir
-    records: list[dict[str, Any]] = []
+    source = None
     if not use_bdhs:  # online-bdhs draws its prompts from the offline pairs
-        records, quarantined = mio.read_prompts(
-            cfg.data.prompts, cfg.data.image_root, cfg.data.max_rows, cfg.data.world_seed
+        # Ray Data loads the prompt rows into the object store; we keep only refs.
+        source = read_prompt_source(
+            cfg.data.prompts,
+            cfg.data.image_root,
+            cfg.data.max_rows,
+            cfg.data.world_seed,
+            rows_per_block=S.batch_size,
         )
-        if quarantined:
-            mio.write_jsonl(quarantined, storage.join(out, "quarantine.jsonl"))
-            print(f"quarantined {len(quarantined)} prompt rows -> {out}/quarantine.jsonl")
+        if source.quarantine:
+            mio.write_jsonl(source.quarantine, storage.join(out, "quarantine.jsonl"))
+            print(f"quarantined {len(source.quarantine)} prompt rows -> {out}/quarantine.jsonl")
+        if not len(source):
+            raise ConfigError(f"data.prompts: no usable prompt rows in {cfg.data.prompts}")
     offline = load_offline(cfg)
-    res = {"num_cpus": S.num_cpus, "num_gpus": S.num_gpus}
+    res = actor_options(S.num_cpus, S.num_gpus, S.resources)  # + node-type labels
     bdhs_cfg = cfg.bdhs if use_bdhs else None
     samplers = [
         SamplerActor.options(name=f"{cfg.name}-sampler-{j}", **res).remote(S, L, bdhs_cfg, cfg.name)
@@ -196,12 +204,13 @@ def run(cfg: Config) -> dict[str, Any]:
     ]
     judge = None
     if not use_bdhs:
-        judge = JudgeActor.options(num_cpus=cfg.judge.num_cpus, num_gpus=cfg.judge.num_gpus).remote(
-            cfg.judge, cfg.name
+        J = cfg.judge
+        judge = JudgeActor.options(**actor_options(J.num_cpus, J.num_gpus, J.resources)).remote(
+            J, cfg.name
         )
-    learner = LearnerActor.options(num_cpus=L.num_cpus, num_gpus=1 if L.use_gpu else 0).remote(
-        S.model, L, S.dtype, cfg.name
-    )
+    learner = LearnerActor.options(
+        **actor_options(L.num_cpus, 1 if L.use_gpu else 0, L.resources)
+    ).remote(S.model, L, S.dtype, cfg.name)
     # surface a failed model load now, not at the first checkpoint
     roles = [*samplers, learner, *([judge] if judge else [])]
     ray.get([a.__ray_ready__.remote() for a in roles])
@@ -228,25 +237,30 @@ def run(cfg: Config) -> dict[str, Any]:
                 offline[i] for i in online.batch_indices(len(offline), L.batch_size, step, S.seed)
             ]
         else:
-            idx = online.batch_indices(len(records), L.batch_size, step, S.seed)
+            assert source is not None
+            idx = online.batch_indices(len(source), L.batch_size, step, S.seed)
             if P.mode == "mixed":
                 offline_slot = online.mixed_choices(len(idx), P.p_offline, S.seed, step)
                 idx = [i for i, off in zip(idx, offline_slot) if not off]
-            batch = [records[i] for i in idx]
+            # stubs: id + a RowRef as the image; actors resolve the row (prompt, image)
+            batch = [
+                {"id": source.ids[i], "prompt": "", "images": [ref]}
+                for i, ref in zip(idx, source.refs(idx), strict=True)
+            ]
         shards = [batch[j :: len(samplers)] for j in range(len(samplers))]
         todo = [(j, shard, call_args(shard, step)) for j, shard in enumerate(shards) if shard]
         return [(j, shard, args, call(j, args)) for j, shard, args in todo]
 
     def call_args(shard: list[dict[str, Any]], step: int) -> tuple:
         """Arguments of the sampler call, fixed per (shard, step) so a retry repeats it."""
-        prompts = [r["prompt"] for r in shard]
         if use_bdhs:
+            prompts = [r["prompt"] for r in shard]
             seeds = [online.bdhs_row_seed(cfg.bdhs.seed, step, str(r["id"])) for r in shard]
             return prompts, [r["image"] for r in shard], [r["chosen"] for r in shard], seeds
-        return prompts, [r["images"][0] for r in shard], S.seed + step
+        return [r["images"][0] for r in shard], S.seed + step  # RowRefs, resolved remotely
 
     def call(j: int, args: tuple) -> Any:
-        return (samplers[j].bdhs if use_bdhs else samplers[j].sample).remote(*args)
+        return (samplers[j].bdhs if use_bdhs else samplers[j].sample_refs).remote(*args)
 
     def replace(j: int) -> None:
         """A fresh sampler in slot j holding the current weight version."""

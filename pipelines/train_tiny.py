@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import shlex
 import sys
 import time
@@ -72,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="dense vision pre-training steps before SFT (mmalign.models.vision_pretrain)",
     )
     p.add_argument(
+        "--image-dropout",
+        type=float,
+        default=0.0,
+        help="fraction of SFT conversations with every image token masked (SFTConfig)",
+    )
+    p.add_argument(
         "--freeze-vision",
         action="store_true",
         help="keep the vision tower fixed during SFT (LLaVA stage 2 style; projector trains)",
@@ -80,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--task-weights",
         default="",
         help='SFT task mix, e.g. "describe=0.3,existence=0.5,count=0.1,colour=0.05,position=0.05"',
+    )
+    p.add_argument(
+        "--judge-fraction",
+        type=float,
+        default=0.0,
+        help="fraction of sft records replaced by judging examples in the compact judge "
+        "prompt format (mmalign.shapes.judging; trains the embedded judge)",
     )
     return p.parse_args(argv)
 
@@ -94,6 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
         pairs = [item.split("=") for item in args.task_weights.split(",")]
         sft_world = replace(world, task_weights=tuple((k.strip(), float(v)) for k, v in pairs))
     records = generate_split(sft_world, "sft", args.n_sft)
+    if args.judge_fraction > 0:  # same images, a judging conversation instead
+        from mmalign.shapes.judging import make_judging_example
+
+        pick = random.Random(f"judge-fraction:{args.world_seed}")
+        for i in range(len(records)):
+            if pick.random() < args.judge_fraction:
+                records[i] = make_judging_example(world, "sft", i, style="compact")
     if args.init:  # continue training a saved model (its size/patch flags are ignored)
         model, processor = load_model(args.init)
     else:
@@ -117,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         lr=args.lr,
         seed=args.model_seed,
         loss_per=args.loss_per,
+        image_dropout=args.image_dropout,
     )
     losses = train_sft(model, data, cfg, log=lambda msg: print(msg, flush=True))
     args.out.mkdir(parents=True, exist_ok=True)

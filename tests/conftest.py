@@ -20,6 +20,10 @@ import torch
 # Keep every Ray listener on loopback in tests (see the brief: Ray binds the external
 # address otherwise).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# One auth mode for every cluster the suite starts (local ray.init, `ray start` heads):
+# Ray caches the mode per process, so a test that connected with auth disabled left the
+# next in-process local cluster unable to reach its own GCS. Loopback only, so no token.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

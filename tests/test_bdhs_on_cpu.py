@@ -14,6 +14,7 @@ from mmalign.bdhs import (
     ContinuationRequest,
     assemble_rejected,
     bdhs_sample,
+    bdhs_sample_batch,
     plan_continuations,
     sample_visibility_mask,
     sentence_spans,
@@ -202,3 +203,94 @@ def test_settings_validation_on_cpu() -> None:
         BDHSSettings(mask_mode="hide")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n_bdhs"):
         BDHSSettings(n_bdhs=0)
+
+
+class RowScriptGenerator:
+    """Batched generate_fn: row r continues faithfully (y- == y+) until its try number
+    reaches hallucinate_at[r] (None = never); records every call's (row, request) list."""
+
+    def __init__(self, references: list[str], hallucinate_at: list[int | None]) -> None:
+        self.rows = [FaithfulGenerator(ref) for ref in references]
+        self.hallucinate_at = hallucinate_at
+        self.calls: list[list[tuple[int, ContinuationRequest]]] = []
+
+    def __call__(self, requests: Sequence[tuple[int, ContinuationRequest]]) -> list[str]:
+        self.calls.append(list(requests))
+        try_no = len(self.calls)
+        out = []
+        for r, req in requests:
+            at = self.hallucinate_at[r]
+            if req.stop_at_full_stop and at is not None and try_no >= at:
+                out.append(" hallucinated dog.")
+            else:
+                out.extend(self.rows[r]([req]))
+        return out
+
+
+def test_batched_rows_finish_at_different_tries_on_cpu() -> None:
+    refs = [REFERENCE, "Yes. The square is blue.", "A grey sky."]
+    gen = RowScriptGenerator(refs, hallucinate_at=[1, 3, None])
+    embed_calls: list[list[str]] = []
+
+    def embed(texts: list[str]) -> np.ndarray:
+        embed_calls.append(list(texts))
+        return toy_embed(texts)
+
+    settings = BDHSSettings(n_bdhs=4, rho_th=0.5, swap_prob=0.0)
+    rngs = [np.random.default_rng(s) for s in (1, 2, 3)]
+    res = bdhs_sample_batch(refs, gen, embed, rngs, settings, num_image_positions=16)
+    # row 0 accepted at try 1, row 1 at try 3, row 2 exhausts guided tries -> unguided try 4
+    assert [r.tries for r in res] == [1, 3, 4]
+    assert [r.accepted for r in res] == [True, True, True]
+    assert [r.final_unguided for r in res] == [False, False, True]
+    assert res[1].similarities == pytest.approx((1.0, 1.0, 0.6))
+    assert res[2].rejected == "An unguided answer." and res[2].cut_points == ()
+    # one generate call per try, holding only the rows still open
+    assert [sorted({r for r, _ in c}) for c in gen.calls] == [[0, 1, 2], [1, 2], [1, 2], [2]]
+    # the first try batches every sentence of every row: 3 + 2 + 1 requests
+    assert len(gen.calls[0]) == 6
+    assert not gen.calls[3][0][1].stop_at_full_stop
+    # one embed call for the references, then one per try with the open rows' candidates
+    assert [len(c) for c in embed_calls] == [3, 3, 2, 2, 1]
+
+
+def test_batched_row_exhausting_tries_without_final_unguided_on_cpu() -> None:
+    # n_bdhs == 1: no unguided try; a row failing the gate is returned not accepted
+    refs = [REFERENCE, "A grey sky."]
+    gen = RowScriptGenerator(refs, hallucinate_at=[None, 1])
+    settings = BDHSSettings(n_bdhs=1, rho_th=0.5)
+    rngs = [np.random.default_rng(s) for s in (4, 5)]
+    res = bdhs_sample_batch(refs, gen, toy_embed, rngs, settings, num_image_positions=8)
+    assert [r.accepted for r in res] == [False, True]
+    assert res[0].rejected == REFERENCE and res[0].tries == 1
+    assert len(gen.calls) == 1
+
+
+def test_batched_equals_per_row_reference_on_cpu() -> None:
+    # same rngs -> same masks, cuts, swaps and results as bdhs_sample row by row
+    refs = [REFERENCE, "No. There is no circle.", "Yes, a square."]
+    settings = BDHSSettings(n_bdhs=3, rho_th=0.7)
+    hall = [2, None, 1]
+    batched = bdhs_sample_batch(
+        refs,
+        RowScriptGenerator(refs, hall),
+        toy_embed,
+        [np.random.default_rng(10 + r) for r in range(3)],
+        settings,
+        num_image_positions=32,
+    )
+    for r, ref in enumerate(refs):
+        single = RowScriptGenerator([ref], [hall[r]])
+        alone = bdhs_sample(
+            ref,
+            lambda reqs, g=single: g([(0, q) for q in reqs]),
+            toy_embed,
+            np.random.default_rng(10 + r),
+            settings,
+            num_image_positions=32,
+        )
+        assert batched[r] == alone or (
+            batched[r].rejected == alone.rejected
+            and batched[r].cut_points == alone.cut_points
+            and batched[r].similarities == pytest.approx(alone.similarities)
+        )

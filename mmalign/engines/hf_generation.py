@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import torch
 
-from mmalign.bdhs import ContinuationRequest, GenerateFn
+from mmalign.bdhs import BatchGenerateFn, ContinuationRequest, GenerateFn
 from mmalign.engines.mm_inputs import MaskMode, MMBatch, VLRequest, build_mm_batch, model_device
 
 FinishReason = Literal["stop", "eos", "length"]
@@ -215,6 +215,31 @@ class HFGenerationEngine:
             if not guided and any(r.stop_at_full_stop for r in requests):
                 raise ValueError("mixing guided and unguided requests in one batch")
             return [o.text for o in self.generate(rows, settings if guided else unguided)]
+
+        return generate_fn
+
+    def bdhs_batch_generate_fn(
+        self, rows: Sequence[tuple[str, Any, int]], settings: SamplingSettings
+    ) -> BatchGenerateFn:
+        """Adapt this engine to mmalign.bdhs.bdhs_sample_batch for n (prompt, image, seed) rows.
+
+        Each (row, request) becomes one VLRequest of that row's prompt, image and seed, so
+        the sentences of all open rows go through one generate() call. Same stop rules as
+        bdhs_generate_fn.
+        """
+        unguided = SamplingSettings(
+            settings.max_new_tokens, settings.temperature, settings.top_p, (), settings.mask_mode
+        )
+
+        def generate_fn(requests: Sequence[tuple[int, ContinuationRequest]]) -> list[str]:
+            reqs = [
+                VLRequest(rows[i][0], rows[i][1], r.response_prefix, r.visible, rows[i][2])
+                for i, r in requests
+            ]
+            guided = all(r.stop_at_full_stop for _, r in requests)
+            if not guided and any(r.stop_at_full_stop for _, r in requests):
+                raise ValueError("mixing guided and unguided requests in one batch")
+            return [o.text for o in self.generate(reqs, settings if guided else unguided)]
 
         return generate_fn
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from mmalign.io import decode_image
 from mmalign.judge import (
+    PROMPT_STYLES,
     GenerateFn,
     PairRequest,
     Verdict,
@@ -108,6 +109,7 @@ class JudgeEngine:
         generate: `generate(list[(PIL image, judge prompt)]) -> list[str]`, one text each.
         vocab: object vocabulary of the object judge (default: ShapesWorld's).
         both_orders: judge both presentation orders; keep a pair only when they agree.
+        prompt_style: "full" or "compact" judge prompt (`mmalign.judge.format_judge_prompt`).
         batch_size: pairs per generate call (2 prompts a pair with both orders).
     """
 
@@ -119,11 +121,14 @@ class JudgeEngine:
         vocab: ObjectVocabulary | None = None,
         both_orders: bool = True,
         batch_size: int = 8,
+        prompt_style: str = "full",
     ) -> None:
         if kind not in ("vlm", "objects"):
             raise ValueError(f"kind must be 'vlm' or 'objects', got {kind!r}")
         if kind == "vlm" and generate is None:
             raise ValueError("kind='vlm' needs a generate callable")
+        if prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {prompt_style!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if kind == "objects" and vocab is None:
@@ -135,6 +140,7 @@ class JudgeEngine:
         self.vocab = vocab
         self.both_orders = both_orders
         self.batch_size = batch_size
+        self.prompt_style = prompt_style
 
     @classmethod
     def from_config(cls, cfg: Any, vocab: ObjectVocabulary | None = None) -> JudgeEngine:
@@ -158,6 +164,7 @@ class JudgeEngine:
             generate=hf_generate_fn(engine, cfg.max_new_tokens),
             both_orders=cfg.both_orders,
             batch_size=cfg.batch_size,
+            prompt_style=cfg.prompt_style,
         )
 
     def judge(self, rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -197,7 +204,7 @@ class JudgeEngine:
         """Judge a chunk in one call; if that fails, pair by pair so one bad row fails alone."""
         assert self.generate is not None
         try:
-            return judge_pairs(pairs, self.generate, self.both_orders)
+            return judge_pairs(pairs, self.generate, self.both_orders, self.prompt_style)
         except Exception as err:  # noqa: BLE001 - isolate the failing row(s) below
             if len(pairs) == 1:
                 return [_error_verdict(err)]
@@ -206,7 +213,7 @@ class JudgeEngine:
     def _judge_alone(self, pair: PairRequest) -> Verdict:
         assert self.generate is not None
         try:
-            return judge_pairs([pair], self.generate, self.both_orders)[0]
+            return judge_pairs([pair], self.generate, self.both_orders, self.prompt_style)[0]
         except Exception as err:  # noqa: BLE001 - reported per row, the batch goes on
             return _error_verdict(err)
 

@@ -44,6 +44,11 @@ class SFTConfig:
     """Seed of batch order."""
     log_every: int = 50
     """Log every this many steps."""
+    image_dropout: float = 0.0
+    """Fraction of conversations trained with every image token hidden (attention 0,
+    positions kept: the "mask" semantics of BDHS), so that with the image masked the
+    model answers from its language prior, as a text-pretrained LLM does, instead of
+    producing out-of-distribution noise."""
     loss_per: str = "token"
     """"token": mean over all answer tokens of the batch (long descriptions dominate);
     "example": mean over conversations of each one's mean token loss, so a one-word
@@ -140,6 +145,21 @@ def sft_loss(model, batch: dict[str, torch.Tensor], per: str = "token") -> torch
     return (token_loss * weights).sum() / int((counts > 0).sum())
 
 
+def hide_images(
+    model,  # noqa: ANN001
+    batch: dict[str, torch.Tensor],
+    prob: float,
+    rng: random.Random,
+) -> torch.Tensor:
+    """attention_mask with every image position zeroed in each row drawn with prob `prob`."""
+    image_id = getattr(model.config, "image_token_id", None)
+    if image_id is None:
+        image_id = model.config.image_token_index
+    rows = torch.tensor([rng.random() < prob for _ in range(batch["input_ids"].shape[0])])
+    hidden = rows[:, None] & (batch["input_ids"] == image_id)
+    return batch["attention_mask"].masked_fill(hidden, 0)
+
+
 def lr_at(step: int, cfg: SFTConfig) -> float:
     """Learning rate at `step` (0-based): linear warm-up, then cosine to lr*min_lr_ratio."""
     if step < cfg.warmup_steps:
@@ -171,7 +191,10 @@ def train_sft(
         idx, order = torch.tensor(order[: cfg.batch_size]), order[cfg.batch_size :]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = {k: v.to(device, non_blocking=True) for k, v in data.batch(idx).items()}
+        batch = data.batch(idx)
+        if cfg.image_dropout > 0:
+            batch["attention_mask"] = hide_images(model, batch, cfg.image_dropout, rng)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         loss = sft_loss(model, batch, cfg.loss_per)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,28 @@
+"""Pick the generation engine named by config ("hf" or "vllm"); vLLM is imported only here.
+
+Both engines share one contract (HFGenerationEngine's methods and GenerationOutput rows);
+VLLMGenerationEngine accepts only mask_mode="drop" (see vllm_generation.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmalign.engines.hf_generation import HFGenerationEngine
+
+ENGINES = ("hf", "vllm")
+
+
+def load_generation_engine(engine: str, path: str, **load_kwargs: Any) -> HFGenerationEngine:
+    """An engine over the checkpoint at `path` (dir, s3:// prefix or hub id).
+
+    load_kwargs go to mmalign.models.loading.load_model (dtype, device); the vLLM engine
+    also takes cache_root and max_lora_rank.
+    """
+    if engine == "hf":
+        return HFGenerationEngine.from_pretrained(path, **load_kwargs)
+    if engine == "vllm":
+        from mmalign.engines.vllm_generation import VLLMGenerationEngine
+
+        return VLLMGenerationEngine.from_pretrained(path, **load_kwargs)
+    raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")

