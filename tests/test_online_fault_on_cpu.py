@@ -97,26 +97,11 @@ def test_mixed_mode_draws_offline_pairs_with_probability_p_on_cpu(tmp_path: Path
     import ray
 
     from actors.runtime import init_ray
-    from mmalign import io as mio
     from mmalign import online
-    from mmalign.schema import preference_row
-    from mmalign.shapes.records import shapes_rows
     from pipelines.online_dpo import run
+    from tests.test_online_bdhs_on_cpu import _offline_parquet
 
-    raw = shapes_rows("pref", max_rows=12)
-    pairs = [
-        preference_row(
-            id=f"off{i}",
-            prompt=r["conversations"][0]["value"].split("\n", 1)[-1],
-            chosen=r["conversations"][1]["value"],
-            rejected="There is a red cross.",
-            images=[r["image"]],
-            source="test",
-            method="dataset",
-        )
-        for i, r in enumerate(raw)
-    ]
-    mio.write_preferences(pairs, str(tmp_path / "offline.parquet"))
+    _offline_parquet(tmp_path / "offline.parquet", 12)
     out = tmp_path / "run"
     cfg = config.load(
         str(ROOT / "pipelines/configs/shapes-cpu.yaml"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +145,19 @@ def sft_loss(model, batch: dict[str, torch.Tensor], per: str = "token") -> torch
     return (token_loss * weights).sum() / int((counts > 0).sum())
 
 
+def shuffled_batches(n: int, batch_size: int, rng: random.Random) -> Iterator[torch.Tensor]:
+    """Endless batches of row indices (long [batch_size]): epochs of a fresh shuffle of
+    range(n), a batch may straddle two epochs. Draws from `rng` only when it refills."""
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(n))
+            rng.shuffle(fresh)
+            order += fresh
+        yield torch.tensor(order[:batch_size])
+        order = order[batch_size:]
+
+
 def hide_images(
     model,  # noqa: ANN001
     batch: dict[str, torch.Tensor],
@@ -180,15 +193,11 @@ def train_sft(
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
-    order: list[int] = []
+    batches = shuffled_batches(len(data), cfg.batch_size, rng)
     losses: list[float] = []
     t0 = time.time()
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            fresh = list(range(len(data)))
-            rng.shuffle(fresh)
-            order += fresh
-        idx, order = torch.tensor(order[: cfg.batch_size]), order[cfg.batch_size :]
+        idx = next(batches)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = data.batch(idx)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmalign.models.sft import shuffled_batches
 from mmalign.shapes.render import from_png
 from mmalign.shapes.vocab import OBJECT_CLASSES
 
@@ -97,17 +98,12 @@ def pretrain_vision(
         *head.parameters(),
     ]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    rng = random.Random(cfg.seed)
-    order: list[int] = []
+    batches = shuffled_batches(len(records), cfg.batch_size, random.Random(cfg.seed))
     losses: list[float] = []
     model.train()
     t0 = time.time()
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
-            fresh = list(range(len(records)))
-            rng.shuffle(fresh)
-            order += fresh
-        idx, order = torch.tensor(order[: cfg.batch_size]), order[cfg.batch_size :]
+        idx = next(batches)
         logits = head(image_features(model, pixels[idx]))  # (B, P, C)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[idx].flatten())
         opt.zero_grad(set_to_none=True)
