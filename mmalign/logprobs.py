@@ -31,8 +31,8 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
         labels: [B, T] token ids, IGNORE_INDEX (-100) where no log-prob is wanted.
 
     Returns:
-        (logps [B, T-1] float32, zero where masked; mask [B, T-1] bool), aligned with
-        labels[:, 1:].
+        (logps [B, T-1] float32 (float64 for a float64 model), zero where masked; mask
+        [B, T-1] bool), aligned with labels[:, 1:].
     """
     if logits.shape[:2] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} differ")
@@ -40,15 +40,17 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     mask = target != IGNORE_INDEX
     # Only response rows go through log_softmax: with ~600 image tokens per row the response
     # is a small fraction of T, and a full [B, T, V] float32 copy would dominate memory.
-    picked = logits[:, :-1][mask].float()  # [N, V]
+    # Half-precision logits are upcast; float64 ones keep their precision.
+    picked = logits[:, :-1][mask]
+    picked = picked.to(torch.promote_types(picked.dtype, torch.float32))  # [N, V]
     lp = picked.log_softmax(-1).gather(-1, target[mask].unsqueeze(-1)).squeeze(-1)  # [N]
-    out = torch.zeros(target.shape, dtype=torch.float32, device=logits.device)
+    out = torch.zeros(target.shape, dtype=lp.dtype, device=logits.device)
     out = out.masked_scatter(mask, lp)
     return out, mask
 
 
 def response_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of response-token log-probs, [B] float32 (nats). Shapes as in `token_logps`."""
+    """Sum of response-token log-probs, [B] float32 or float64 (nats). Shapes as in `token_logps`."""
     lp, _ = token_logps(logits, labels)
     return lp.sum(-1)
 

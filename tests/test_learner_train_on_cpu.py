@@ -180,8 +180,12 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-# lr 1e-3: big enough to move every LoRA weight by ~1e-3 per step, small enough that Adam's
-# amplification of float rounding (2 workers sum in another order) stays below 1e-6.
+# lr 1e-3 moves every LoRA weight by ~1e-3 per step. The Ray runs and their in-process
+# references load the model in float64 (LOOP_DTYPE): Adam's first step is ~lr * sign(grad),
+# so in float32 a gradient element near zero whose sign flips with summation order (2
+# workers of 2 rows vs 1 of 4, other padding, other thread counts) moves by ~2e-3 and a
+# 1e-6 comparison fails at random; float64 rounding is ~1e-9 times smaller.
+LOOP_DTYPE = "float64"
 TINY = LearnerConfig(
     lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=1e-3, schedule="constant", num_cpus=1.0
 )
@@ -195,7 +199,7 @@ def _reference(
     from mmalign.models.loading import load_model
 
     torch.manual_seed(worker_seed(loop.learner.seed, 0))
-    model, processor = load_model(loop.model)
+    model, processor = load_model(loop.model, dtype=loop.dtype)
     learner = PreferenceLearner(model, processor, learner_settings(loop))
     states, stepped, epoch = [], [], 0
     while learner.global_step < max(stop_after):
@@ -237,7 +241,9 @@ def test_two_workers_match_one_on_the_global_batch_on_cpu(
 
     rows = _rows(4)  # the whole dataset is one global batch: 2 rows per worker per step
     learner = dataclasses.replace(TINY, batch_size=4, num_workers=2, steps=2)
-    loop = TrainLoopConfig(model=model_dir, learner=learner, checkpoint_every=1, shuffle_window=0)
+    loop = TrainLoopConfig(
+        model=model_dir, learner=learner, dtype=LOOP_DTYPE, checkpoint_every=1, shuffle_window=0
+    )
     result = make_trainer(loop, ray.data.from_items(rows), checkpoints=str(tmp_path / "ck")).fit()
 
     assert os.path.basename(result.checkpoint.path) == "step_000002"
@@ -281,6 +287,7 @@ def test_stop_and_resume_equals_an_uninterrupted_run_on_cpu(
     loop = TrainLoopConfig(
         model=model_dir,
         learner=learner,
+        dtype=LOOP_DTYPE,
         checkpoint_every=2,
         shuffle_window=4,
         output_dir=str(tmp_path / "out"),

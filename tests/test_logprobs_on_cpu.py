@@ -31,6 +31,15 @@ def test_response_logps_hand_numbers_on_cpu() -> None:
     assert response_logps(logits, labels_tail).item() == pytest.approx(-0.2876821, abs=1e-6)
 
 
+def test_response_logps_dtype_upcasts_half_keeps_float64_on_cpu() -> None:
+    logits = torch.tensor([[[0.0, 0.0], [1.0, -1.0]]])
+    labels = torch.tensor([[IGNORE_INDEX, 1]])
+    assert response_logps(logits.bfloat16(), labels).dtype == torch.float32
+    lp64 = response_logps(logits.double(), labels)
+    assert lp64.dtype == torch.float64  # data-parallel checks in float64 rely on this
+    assert lp64.item() == pytest.approx(-0.6931471805599453, abs=1e-15)
+
+
 def test_response_logps_equals_per_token_loop_on_cpu() -> None:
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 7, 11, generator=g, requires_grad=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-_DTYPES = ("float32", "bfloat16", "float16")
+# float64 is for numerical checks (e.g. data-parallel == single-worker to 1e-6).
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def resolve_model_dir(path_or_uri: str) -> str:
@@ -43,7 +44,7 @@ def load_model(path_or_uri: str, dtype: str = "float32", device: str = "cpu"):  
 
     Args:
         path_or_uri: saved model directory (save_pretrained of model and processor).
-        dtype: "float32", "bfloat16" or "float16" (parameter dtype after loading).
+        dtype: "float32", "bfloat16", "float16" or "float64" (parameter dtype after loading).
         device: torch device string, e.g. "cpu" or "cuda:0".
 
     Returns:
