@@ -50,7 +50,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 
 
 def response_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of response-token log-probs, [B] float32 or float64 (nats). Shapes as in `token_logps`."""
+    """Sum of response-token log-probs, [B] (nats; dtype and shapes as in `token_logps`)."""
     lp, _ = token_logps(logits, labels)
     return lp.sum(-1)
 
