@@ -24,19 +24,35 @@ _ORDINAL_RESP = r"\b(first|second)\s+(?:response|answer)\b"
 _RESP_ANY = rf"(?:{_RESP}|{_ORDINAL_RESP})"
 _WORDS = {"1": "1", "one": "1", "first": "1", "2": "2", "two": "2", "second": "2"}
 
-# Explicit verdicts, tried in this order; within a pattern the earliest match wins.
+# Explicit verdict phrases: "Verdict: Response 2", "Final answer - 1", "[[2]]". They win
+# over everything else, a leading label included (a judge that critiques each response
+# before concluding starts its reply with "Response 1: ..."). Run on newline-kept text.
+_DASH = r"[:=\-\u2013\u2014]"  # ":", "=", "-", en dash, em dash
+# A bare number counts only when it ends the phrase ("Final answer: 1"), not "answer: 2 dogs".
+_BARE_NUM = rf"{_NUM}(?=[ \t]*(?:$|\n|[.,;!)\]]))"
+_NAMED = rf"(?:the\s+)?{_RESP_ANY}"  # "Response 2", "the second response"
+_NOUN_KEY = (
+    r"(?:final verdict|verdict|final answer|final choice|answer|choice|decision|winner|"
+    r"better response|better answer|best response|best answer|preferred response|preference)"
+)
+# Bare adjectives only as a line or sentence label ("Better: Response 2"): mid-sentence,
+# "Response 1 is better: Response 2 invents a dog" names the other response after "better".
+_ADJ_KEY = r"(?:better|best|preferred|better one|better choice)"
+_EXPLICIT_PATTERNS: tuple[re.Pattern[str], ...] = (
+    # "[[1]]" or "[[Response 2]]": the bracketed verdict many judge prompts ask for.
+    re.compile(rf"\[\[\s*(?:{_RESP_ANY}|{_NUM})\s*\]\]"),
+    # "Verdict: Response 2", "Final answer - 1", "The better response is Response 2".
+    re.compile(
+        rf"\b{_NOUN_KEY}\s*(?:{_DASH}\s*(?:{_NAMED}|{_BARE_NUM})|(?:is|was|would be)\s+{_NAMED})"
+    ),
+    # "Better: Response 2", "Best - the first response" at the start of a line/sentence.
+    re.compile(rf"(?:^|\n|[.!?][ \t]+)[^a-z0-9\n]*{_ADJ_KEY}\s*{_DASH}\s*(?:{_NAMED}|{_BARE_NUM})"),
+)
+
+# Verdicts phrased inside a sentence, tried in this order after the leading label; within a
+# pattern the earliest match wins.
 _GOOD = r"(?:better|best|preferred|superior|more accurate|more helpful|the winner|preferable)"
 _VERDICT_PATTERNS: tuple[tuple[re.Pattern[str], bool], ...] = (
-    # "[[1]]" or "[[Response 2]]": the format our prompt asks for.
-    (re.compile(rf"\[\[\s*(?:{_RESP_ANY}|{_NUM})\s*\]\]"), False),
-    # "Verdict: Response 2", "Final answer: 1", "Better response: the first response".
-    (
-        re.compile(
-            rf"(?:verdict|final answer|answer|choice|decision|winner|better response|"
-            rf"preferred response|preference)\s*(?:is)?\s*[:=\-]\s*(?:{_RESP_ANY}|{_NUM}\b)"
-        ),
-        False,
-    ),
     # "I prefer Response 1", "I would choose the second response".
     (re.compile(rf"\b(?:prefer|choose|chose|pick|select|favou?r|go with)\s+{_RESP_ANY}"), False),
     # "Response 1 is better", "Response 2 has less hallucination", "Response 1 wins".
@@ -67,8 +83,13 @@ _TIE_PATTERN = re.compile(
 
 
 # The judge prompt asks to begin with the label: "Response 2.", "**Response 1**\n...",
-# "[[Response 2]]: ...". A label followed by more words ("Response 1 mentions ...") is not.
-_LEADING_LABEL = re.compile(rf"^[^a-z0-9]*{_RESP_ANY}[ \t]*(?:[.:!;)\]\-]|\n|$)")
+# "Response 2:" alone on its line. A label followed by more words ("Response 1 mentions
+# ...", "Response 1: invents a dog") is not: after a colon or dash comes a critique.
+_LABEL_START = rf"^[^a-z0-9\n]*{_RESP_ANY}[ \t]*"
+_LEADING_LABEL = re.compile(rf"{_LABEL_START}(?:[.!;)\]]|{_DASH}[^a-z0-9\n]*(?:\n|$)|\n|$)")
+_CRITIQUE_LABEL = re.compile(rf"{_LABEL_START}{_DASH}[^a-z0-9\n]*[a-z0-9]")
+# A line that opens with "Response N:" / "Response N -": a per-response section heading.
+_SECTION_LABEL = re.compile(rf"{_LABEL_START}{_DASH}", re.MULTILINE)
 
 
 def _normalise(text: str, keep_newlines: bool = False) -> str:
@@ -87,17 +108,32 @@ def _choice_of(match: re.Match[str]) -> str:
 def parse_judge_output(text: str) -> Choice | None:
     """Map a judge's free text to "1", "2", "tie", or None when no verdict can be read.
 
-    Precedence: a leading bare label ("Response 2." or "**Response 2**" on its own line,
-    the format the judge prompt asks for) wins. Then an explicit verdict (the first
-    pattern family that matches, earliest match in the text), which beats a tie phrase
-    because explanations often say "neither mentions X" after the verdict. Without
-    either, a text whose opening sentence names exactly one response counts for it;
-    naming both there, or nothing, is a parse failure.
+    Precedence:
+    1. An explicit verdict phrase ("Verdict: Response 2", "Final answer - 1", "Better:
+       Response 1", "[[2]]"), anywhere: the judge's own conclusion.
+    2. A leading bare label ("Response 2." or "**Response 2**" on its own line, the format
+       the judge prompt asks for). "Response 1: <critique>" is not one, and no leading
+       label counts when the text is laid out per response (lines opening with both
+       "Response 1:" and "Response 2:").
+    3. A verdict inside a sentence ("I prefer Response 1", "Response 2 is better"; the first
+       pattern family that matches, earliest match in the text), which beats a tie phrase
+       because explanations often say "neither mentions X" after the verdict.
+    4. A tie phrase.
+    5. Otherwise an opening sentence that names exactly one response counts for it, unless
+       it is a "Response N: <critique>" line or the text is laid out per response. Naming
+       both there, or nothing, is a parse failure.
     """
     norm = _normalise(text)
     if not norm:
         return None
-    leading = _LEADING_LABEL.match(_normalise(text, keep_newlines=True))
+    lines = _normalise(text, keep_newlines=True)
+    for explicit in _EXPLICIT_PATTERNS:
+        match = explicit.search(lines)
+        if match is not None:
+            return _choice_of(match)  # type: ignore[return-value]
+    sections = {_choice_of(m) for m in _SECTION_LABEL.finditer(lines)}
+    per_response = len(sections) == 2
+    leading = None if per_response else _LEADING_LABEL.match(lines)
     if leading is not None:
         return _choice_of(leading)  # type: ignore[return-value]
     for pattern, inverted in _VERDICT_PATTERNS:
@@ -109,6 +145,8 @@ def parse_judge_output(text: str) -> Choice | None:
             return choice  # type: ignore[return-value]
     if _TIE_PATTERN.search(norm):
         return "tie"
+    if per_response or _CRITIQUE_LABEL.match(lines):
+        return None
     first_sentence = re.split(r"(?<=[.!?:])\s|\n", text.strip().lower(), maxsplit=1)[0]
     named = {_choice_of(m) for m in re.finditer(_RESP_ANY, _normalise(first_sentence))}
     if len(named) == 1:

@@ -39,6 +39,61 @@ CASES = [
 ]
 
 
+# Judges that critique each response before concluding: the "Response N:" line labels open
+# the text, but only the verdict line decides. Both presentation orders of the critiques.
+PER_RESPONSE = [
+    ("Response 1: hallucinates a dog.\nResponse 2: accurate.\nVerdict: Response 2", "2"),
+    ("Response 2: accurate.\nResponse 1: hallucinates a dog.\nVerdict: Response 2", "2"),
+    ("Response 1: accurate.\nResponse 2: hallucinates a dog.\nVerdict: Response 1", "1"),
+    ("Response 2: hallucinates a dog.\nResponse 1: accurate.\nVerdict: Response 1", "1"),
+    ("Verdict: Response 2\nResponse 1: hallucinates a dog.\nResponse 2: accurate.", "2"),
+    ("Response 1: hallucinates a dog.\nResponse 2: accurate.\nBetter: Response 2", "2"),
+    ("Response 1: accurate.\nResponse 2: invents a cat.\nFinal answer - Response 1", "1"),
+    ("Response 1 - accurate.\nResponse 2 - invents a cat.\nWinner \u2014 Response 1", "1"),
+    ("**Response 1:** invents a cat.\n**Response 2:** correct.\n**Final verdict:** 2", "2"),
+    (
+        "Response 1:\n- invents a dog\nResponse 2:\n- accurate\nThe better response is Response 2.",
+        "2",
+    ),
+    ("First response: invents a dog.\nSecond response: accurate.\nBest: the second response", "2"),
+    ("Response 1: invents a dog.\nResponse 2: accurate.\nResponse 2 is better.", "2"),
+    ("Response 1: more detail, but a dog.\nResponse 2: accurate.\nI prefer Response 2.", "2"),
+    ("Response 1: accurate.\nResponse 2: accurate.\nBoth are equally good.", "tie"),
+    # a critique of each response and no conclusion: nothing to read, never the first label
+    ("Response 1: hallucinates a dog.\nResponse 2: accurate.", None),
+    ("Response 2: names only the red circle.", None),
+    # explicit verdict phrases on their own
+    ("Better: Response 2", "2"),
+    ("Final answer - Response 1", "1"),
+    ("Final answer \u2013 the second response.", "2"),
+    ("Best response = 1", "1"),
+    ("Preferred: Response 1. It does not invent the dog.", "1"),
+    # not verdict phrases: "better:" mid-sentence, a number that is not a label
+    ("Response 1 is better: Response 2 invents a dog.", "1"),
+    ("Response 1. Response 2's answer: two circles, which is wrong.", "1"),
+    # a heading on its own line is still the label the prompt asks for
+    ("**Response 2**:\nIt names only the objects in the image.", "2"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), PER_RESPONSE)
+def test_parse_per_response_layout_on_cpu(text: str, expected: str | None) -> None:
+    assert parse_judge_output(text) == expected
+
+
+def test_explicit_verdict_beats_leading_label_on_cpu() -> None:
+    text = "Response 1\nOn a closer look, Response 1 invents a dog.\nFinal answer: Response 2"
+    assert parse_judge_output(text) == "2"
+
+
+def test_per_response_layout_in_both_orders_on_cpu() -> None:
+    # y_a hallucinates. Order A shows y_a as Response 1, order B shows it as Response 2.
+    order_a = "Response 1: mentions a dog that is not there.\nResponse 2: accurate.\nVerdict: 2"
+    order_b = "Response 1: accurate.\nResponse 2: mentions a dog that is not there.\nVerdict: 1"
+    verdict = combine_orders(parse_judge_output(order_a), parse_judge_output(order_b))
+    assert (verdict.keep, verdict.winner) == (True, "b")
+
+
 @pytest.mark.parametrize(("text", "expected"), CASES)
 def test_parse_judge_output_on_cpu(text: str, expected: str | None) -> None:
     assert parse_judge_output(text) == expected
