@@ -333,8 +333,11 @@ def judge_accuracy(
     Returns accuracy over kept pairs (the number that matters: only kept pairs become
     preferences), correct-and-kept over all pairs, keep rate, agreement between orders
     (pairs where both orders gave a decisive, parsed choice: fraction naming the same
-    answer) and single-order accuracy of order A alone (decisive outputs only; a judge
-    used without the order swap would score this). 0.0 where a denominator is empty.
+    answer), single-order accuracy of order A alone (decisive outputs only; a judge
+    used without the order swap would score this) and `position_only_accuracy`, what a
+    guesser that always names slot A (y_a) scores: the fraction of pairs whose better answer
+    is y_a (order A alone shows skill only where it beats this). 0.0 where a denominator
+    is empty.
     """
     if len(verdicts) != len(labels):
         raise ValueError(f"{len(verdicts)} verdicts for {len(labels)} labels")
@@ -355,4 +358,5 @@ def judge_accuracy(
         "accuracy_all": correct / n if n else 0.0,
         "order_agreement": agree / len(decisive_both) if decisive_both else 0.0,
         "order_a_accuracy": single_ok / len(single) if single else 0.0,
+        "position_only_accuracy": sum(y == "a" for y in labels) / n if n else 0.0,
     }

@@ -1,14 +1,21 @@
-"""Measure a pairwise judge on held-out ShapesWorld pairs with known answers (issue 6).
+"""Measure a pairwise judge on held-out pairs with known answers (issue 6, [ALIGN] Table 10).
 
     python -m pipelines.eval_judge --model assets/models/shapes-llava-judge --n-pairs 200 \
         --out assets/models/shapes-llava-judge/judge_eval.json
+    python -m pipelines.eval_judge --pairs s3://bucket/heldout/pairs.parquet --n-pairs 0 \
+        --model llava-hf/llava-v1.6-34b-hf --prompt-style full --max-new-tokens 256
 
-Pairs: `mmalign.shapes.judging` examples on the unbiased `eval` split (images the judge
-never trained on; record indices offset..offset+n-1), each with a known better answer.
+Pairs: by default `mmalign.shapes.judging` examples on the unbiased `eval` split (images
+the judge never trained on; record indices offset..offset+n-1), each with a known better
+answer; with `--pairs`, a held-out preference Parquet (ours, `mmalign.schema`, or
+TRL-format; local or s3://), where the better answer is the row's `chosen`. Either way
+the better answer sits in slot A (response_a) on even pairs and in slot B on odd ones.
 The VLM judge runs the real protocol through `JudgeEngine` (both orders, parse, keep only
-agreeing pairs); the object judge (exact, from the annotations) judges the same pairs as
-a reference. The report: accuracy over kept pairs, keep rate, order agreement, ties /
-disagreements / parse failures, per-kind accuracy, latency and throughput.
+agreeing pairs); on ShapesWorld pairs the object judge (exact, from the annotations)
+judges the same pairs as a reference (a Parquet has no annotations). The report: accuracy
+over kept pairs, keep rate, order agreement, order-A-alone accuracy next to the
+position-only baseline, ties / disagreements / parse failures, per-kind (ShapesWorld) or
+per-source (Parquet) accuracy, rows skipped as malformed, latency and throughput.
 """
 
 from __future__ import annotations
@@ -24,16 +31,58 @@ import torch
 
 from mmalign.config import JudgeConfig
 from mmalign.engines.judge_engine import JudgeEngine
+from mmalign.io import load_image_bytes, read_parquet
 from mmalign.judge import JudgeStats, judge_accuracy
+from mmalign.preference_rows import to_learner_row
+from mmalign.schema import RowError
 from mmalign.shapes.judging import judge_row, judging_examples
 from mmalign.shapes.world import WorldConfig
 
 
 def held_out_rows(n: int, offset: int = 0, world_seed: int = 0) -> list[dict[str, Any]]:
-    """n judge rows (with `label`, `kind`) from the `eval` split; response_a alternates
-    between the better and the worse answer's presentation slot (flip on odd indices)."""
+    """n judge rows (with `label`, `kind`) from the `eval` split. The better answer is
+    response_a on even pairs and response_b on odd ones, whatever slot the example drew,
+    so the slots are balanced and a position-only guesser scores 0.5 (not the 0.63 that
+    flipping the drawn slot on odd pairs gave on pairs 0..59)."""
     examples = judging_examples(WorldConfig(seed=world_seed), "eval", range(offset, offset + n))
-    return [judge_row(ex, flip=i % 2 == 1) for i, ex in enumerate(examples)]
+    return [
+        judge_row(ex, flip=(ex["better"] == "1") == (i % 2 == 1)) for i, ex in enumerate(examples)
+    ]
+
+
+def parquet_rows(uri: str, n: int = 0, offset: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
+    """(judge rows with `label` and `kind`, skip messages) from a preference Parquet.
+
+    Rows offset..offset+n-1 (n=0: all the rest). Each row's `chosen` is the better answer
+    and goes to slot A on even pairs, slot B on odd ones (so a position-biased judge scores
+    0.5); `kind` is the row's `source` (or `method`), so the report splits accuracy by
+    dataset as Table 10 does. A row the learner could not train on either (no image, empty
+    answer: `mmalign.preference_rows.to_learner_row`) is skipped, its message returned.
+    """
+    raw = read_parquet(uri).to_pylist()[offset:]
+    if n:
+        raw = raw[:n]
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    for item in raw:
+        try:
+            pair = to_learner_row(item, load_image=load_image_bytes)
+        except RowError as err:
+            skipped.append(f"{item.get('id')}: {err}")
+            continue
+        flip = len(rows) % 2 == 1
+        a, b = (pair["rejected"], pair["chosen"]) if flip else (pair["chosen"], pair["rejected"])
+        rows.append(
+            {
+                "image": {"bytes": pair["image"], "path": None},
+                "question": pair["prompt"],
+                "response_a": a,
+                "response_b": b,
+                "label": "b" if flip else "a",
+                "kind": item.get("source") or item.get("method") or "parquet",
+            }
+        )
+    return rows, skipped
 
 
 def score(verdicts: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -79,16 +128,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="assets/models/shapes-llava-judge")
     p.add_argument("--prompt-style", choices=("full", "compact"), default="compact")
-    p.add_argument("--n-pairs", type=int, default=200)
-    p.add_argument("--offset", type=int, default=0, help="first eval-split record index")
+    p.add_argument(
+        "--pairs",
+        default="",
+        help="held-out preference Parquet (ours or TRL; local or s3://); the judge should\n"
+        "pick each row's chosen. Default: ShapesWorld eval-split pairs",
+    )
+    p.add_argument("--n-pairs", type=int, default=200, help="pairs to judge (0: all of --pairs)")
+    p.add_argument("--offset", type=int, default=0, help="first record / Parquet row index")
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="pairs per judge call")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="JSON report path")
     args = p.parse_args(argv)
+    if args.n_pairs < 0 or (args.n_pairs == 0 and not args.pairs):
+        p.error("--n-pairs must be >= 1 (0 = all rows, with --pairs only)")
     torch.set_num_threads(args.threads)
-    rows = held_out_rows(args.n_pairs, args.offset, args.world_seed)
+    if args.pairs:
+        rows, skipped = parquet_rows(args.pairs, args.n_pairs, args.offset)
+    else:
+        rows, skipped = held_out_rows(args.n_pairs, args.offset, args.world_seed), []
+    if not rows:
+        raise SystemExit(f"no pairs to judge ({len(skipped)} rows skipped: {skipped[:3]})")
     cfg = JudgeConfig(
         kind="vlm",
         model=args.model,
@@ -97,15 +159,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size=args.batch_size,
     )
     vlm, verdicts = evaluate_judge(JudgeEngine.from_config(cfg), rows, args.batch_size)
-    objects, _ = evaluate_judge(JudgeEngine("objects"), rows, args.batch_size)
+    # The object judge needs annotations: ShapesWorld pairs have them, a Parquet does not.
+    objects = (
+        None if args.pairs else evaluate_judge(JudgeEngine("objects"), rows, args.batch_size)[0]
+    )
     report = {
         "model": args.model,
         "prompt_style": args.prompt_style,
-        "split": "eval",
+        "data": args.pairs or "shapesworld:eval",
+        "split": "" if args.pairs else "eval",
         "offset": args.offset,
         "world_seed": args.world_seed,
         "max_new_tokens": args.max_new_tokens,
         "threads": args.threads,
+        "skipped_rows": len(skipped),
+        "skipped_examples": skipped[:5],
         "vlm": vlm,
         "objects": objects,
         "examples": [
@@ -114,7 +182,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ],
     }
     summary = {k: v for k, v in vlm.items() if k != "by_kind"}
-    print(json.dumps({"vlm": summary, "objects_accuracy_kept": objects["accuracy_kept"]}, indent=1))
+    print(
+        json.dumps(
+            {
+                "vlm": summary,
+                "objects_accuracy_kept": objects["accuracy_kept"] if objects else None,
+                "skipped_rows": len(skipped),
+            },
+            indent=1,
+        )
+    )
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

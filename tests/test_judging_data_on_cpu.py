@@ -104,5 +104,6 @@ def test_judge_accuracy_by_hand_on_cpu() -> None:
     assert out["accuracy_kept"] == 0.5 and out["accuracy_all"] == 0.25
     assert out["order_agreement"] == pytest.approx(2 / 3)
     assert out["order_a_accuracy"] == pytest.approx(2 / 3)
+    assert out["position_only_accuracy"] == 0.75  # 3 of 4 better answers sit in slot A
     with pytest.raises(ValueError, match="labels"):
         judge_accuracy(verdicts, ["a"])
