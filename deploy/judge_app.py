@@ -138,25 +138,36 @@ class JudgeDeployment:
         return "ok"
 
 
-def build_app(args: dict[str, Any]) -> Application:
-    """Serve application builder; `args` are JudgeConfig fields (validated, typos fail).
+def deployment_options(cfg: JudgeConfig) -> dict[str, Any]:
+    """The Judge deployment's options, derived from the config (what `build_app` sets).
 
-    Replica resources come from the config (num_cpus, num_gpus, resources); `concurrency` is the
-    autoscaling ceiling. A Serve config file's `deployments:` section overrides these.
+    Replica resources come from num_cpus, num_gpus and resources; `concurrency` is the
+    autoscaling ceiling. A Serve config file's `deployments:` section replaces these option
+    by option (`ray_actor_options` and `autoscaling_config` as whole dicts, so a section that
+    leaves out num_gpus runs the replica without a GPU): such a section must repeat them.
     """
-    cfg: JudgeConfig = from_dict(JudgeConfig, dict(args or {}), "judge")
-    cfg.validate("judge")
-    return JudgeDeployment.options(  # type: ignore[attr-defined]
-        ray_actor_options={
+    return {
+        "ray_actor_options": {
             "num_cpus": cfg.num_cpus,
             "num_gpus": cfg.num_gpus,
             "resources": parse_resources(cfg.resources),  # e.g. judge_node: the 80 GB nodes
         },
-        autoscaling_config={
+        "autoscaling_config": {
             "min_replicas": 1,
             "max_replicas": cfg.concurrency,
             "target_ongoing_requests": cfg.batch_size,
         },
         # Room for a full batch plus the next one queueing; fewer would cap batches.
-        max_ongoing_requests=2 * cfg.batch_size,
-    ).bind(to_dict(cfg))
+        "max_ongoing_requests": 2 * cfg.batch_size,
+    }
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve application builder; `args` are JudgeConfig fields (validated, typos fail).
+
+    The deployment's options come from the config (`deployment_options`).
+    """
+    cfg: JudgeConfig = from_dict(JudgeConfig, dict(args or {}), "judge")
+    cfg.validate("judge")
+    options = deployment_options(cfg)
+    return JudgeDeployment.options(**options).bind(to_dict(cfg))  # type: ignore[attr-defined]

@@ -109,9 +109,37 @@ def _serve_schema(raw: dict[str, Any]) -> Any:
     return ServeDeploySchema.model_validate(raw)
 
 
+def check_deployments_match_args(app: Any) -> Any:
+    """A judge app's Serve config (`ServeApplicationSchema`): its `deployments:` section
+    must agree with the options deploy.judge_app.build_app derives from its `args`.
+
+    The section replaces the builder's options, `ray_actor_options` and
+    `autoscaling_config` as whole dicts: an option it sets must equal the derived one, and
+    a derived key it leaves out of such a dict is allowed only when the derived value is
+    empty/zero (else e.g. args num_gpus 1 would silently run on CPU). Returns the
+    validated JudgeConfig of the args.
+    """
+    from deploy.judge_app import deployment_options
+    from mmalign.config import JudgeConfig, from_dict
+
+    cfg = from_dict(JudgeConfig, app.args, "judge")
+    cfg.validate("judge")
+    derived = deployment_options(cfg)
+    for dep in app.deployments:
+        given = dep.model_dump(exclude_unset=True)
+        for key in derived.keys() & given.keys():
+            want, got = derived[key], given[key]
+            if isinstance(want, dict):
+                for sub, value in want.items():
+                    assert got.get(sub, type(value)()) == value, (dep.name, key, sub, got)
+            else:
+                assert got == want, (dep.name, key, got, want)
+    return cfg
+
+
 def test_rayservice_serves_the_judge_app_of_serve_judge_yaml() -> None:
     from deploy.judge_app import build_app
-    from mmalign.config import JudgeConfig, from_dict, parse_resources
+    from mmalign.config import parse_resources
 
     doc = _load("rayservice.yaml")
     assert doc["kind"] == "RayService"
@@ -126,13 +154,10 @@ def test_rayservice_serves_the_judge_app_of_serve_judge_yaml() -> None:
     )
     module, attr = app.import_path.split(":")
     assert getattr(__import__(module, fromlist=[attr]), attr) is build_app
-    cfg = from_dict(JudgeConfig, app.args, "judge")
-    cfg.validate("judge")
     assert [d.name for d in app.deployments] == [d.name for d in ref.deployments]
+    cfg = check_deployments_match_args(app)
     (dep,) = app.deployments
-    # the deployments: section overrides the builder's options: keep them in agreement
-    assert dep.ray_actor_options.resources == parse_resources(cfg.resources)
-    assert dep.ray_actor_options.num_gpus == cfg.num_gpus
+    assert dep.ray_actor_options.num_gpus == cfg.num_gpus == 1  # the paper's judge needs a GPU
     scaling = dep.autoscaling_config
     scaling = scaling if isinstance(scaling, dict) else scaling.model_dump()
     assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"]

@@ -115,6 +115,39 @@ def test_serve_yaml_is_a_valid_serve_config_on_cpu() -> None:
     assert schema.http_options.host == "127.0.0.1"
 
 
+def test_serve_yaml_deployments_agree_with_args_on_cpu() -> None:
+    """The `deployments:` section overrides what build_app derives from `args` (num_gpus,
+    resources, autoscaling, max_ongoing_requests): both halves of the file must agree."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from tests.test_deploy_kuberay_on_cpu import check_deployments_match_args
+
+    raw = yaml.safe_load((REPO / "deploy" / "serve_judge.yaml").read_text())
+    (app,) = ServeDeploySchema.model_validate(raw).applications
+    cfg = check_deployments_match_args(app)
+    assert cfg.num_gpus == 0.0  # the local file serves the CPU tiny judge
+    # The check bites: a section that drifted from its args fails it.
+    for path, value in (
+        (("ray_actor_options", "num_gpus"), 1.0),
+        (("autoscaling_config", "max_replicas"), 5),
+        (("max_ongoing_requests",), 3),
+    ):
+        drifted = yaml.safe_load((REPO / "deploy" / "serve_judge.yaml").read_text())
+        node = drifted["applications"][0]["deployments"][0]
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+        (bad,) = ServeDeploySchema.model_validate(drifted).applications
+        with pytest.raises(AssertionError):
+            check_deployments_match_args(bad)
+    # leaving num_cpus out of ray_actor_options drops it to Serve's default: caught too
+    drifted = yaml.safe_load((REPO / "deploy" / "serve_judge.yaml").read_text())
+    del drifted["applications"][0]["deployments"][0]["ray_actor_options"]["num_cpus"]
+    (bad,) = ServeDeploySchema.model_validate(drifted).applications
+    with pytest.raises(AssertionError):
+        check_deployments_match_args(bad)
+
+
 def test_builder_rejects_bad_args_on_cpu() -> None:
     from deploy.judge_app import build_app
     from mmalign.config import ConfigError
