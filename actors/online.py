@@ -50,8 +50,9 @@ def _timer(role: str, run_name: str) -> BusyTimer:
 
 @ray.remote
 class SamplerActor:
-    """Policy sampler: base weights + the learner's LoRA, versioned. With `bdhs` set it also
-    regenerates BDHS rejected answers under the same weights (mode online-bdhs)."""
+    """Policy sampler: base weights + the learner's LoRA, versioned, on `sampler.engine` (hf or
+    vllm). With `bdhs` set it also regenerates BDHS rejected answers under the same weights
+    (mode online-bdhs)."""
 
     def __init__(
         self,
@@ -65,10 +66,16 @@ class SamplerActor:
         from mmalign.engines.policy import PolicySampler
         from mmalign.models.loading import load_model
 
+        if sampler.engine == "vllm":  # fail before loading the model
+            from mmalign.engines.vllm_generation import require_vllm
+
+            require_vllm()
         device = _device(sampler.num_gpus)
         model, processor = load_model(sampler.model, sampler.dtype, device)
         self.cfg = sampler
-        self.policy = PolicySampler(model, processor, LearnerSettings.from_config(learner))
+        self.policy = PolicySampler(
+            model, processor, LearnerSettings.from_config(learner), engine=sampler.engine
+        )
         self.online_bdhs: Any = None
         if bdhs is not None:
             from mmalign.engines import online_bdhs

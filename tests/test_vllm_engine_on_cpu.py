@@ -179,3 +179,59 @@ def test_full_weight_update_changes_outputs_like_hf_on_cpu(models: dict[str, Any
     vllm.load_weights(state, version=vllm.version + 1)  # hf shares the model: it changes too
     assert [o.token_ids for o in vllm.generate(reqs, GREEDY)] != before
     _assert_agree(hf, vllm, reqs)
+
+
+def _learner_state(model: Any, processor: Any, settings: Any, seed: int) -> dict[str, Any]:
+    """adapter_state() of a PreferenceLearner on a copy of `model` whose LoRA B matrices and
+    projector were perturbed (a trained learner's state, without the training)."""
+    from mmalign.engines.learner import PreferenceLearner
+
+    learner = PreferenceLearner(copy.deepcopy(model), processor, settings)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in learner.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.3, generator=gen)
+            elif "multi_modal_projector" in name and p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return learner.adapter_state()
+
+
+def test_policy_sampler_vllm_sync_matches_hf_sampler_on_cpu(models: dict[str, Any]) -> None:
+    """PolicySampler.load_adapter on vLLM (peft dir -> new LoRA id; projector -> the HF model
+    that computes the embeddings) gives HF's greedy outputs, version after version."""
+    import os.path
+
+    from mmalign.engines.learner import LearnerSettings
+    from mmalign.engines.policy import PolicySampler
+
+    vllm_engine, processor = models["vllm"], models["processor"]
+    model = vllm_engine.model  # earlier tests may have updated the shared weights
+    settings = LearnerSettings(lora_rank=8, lora_alpha=16, train_projector=True)
+    hf = PolicySampler(copy.deepcopy(model), processor, settings)
+    vl = PolicySampler.over_vllm_engine(vllm_engine, settings)
+    projector = {k: v.clone() for k, v in model.state_dict().items() if "projector" in k}
+    reqs = _requests(None) + _requests(0.9)  # plain sampling and BDHS drop masks
+    before = [o.token_ids for o in vl.engine.generate(reqs, GREEDY)]
+    version = vllm_engine.version + 1  # LoRA ids must stay unique in the shared engine
+    try:
+        outputs, dirs = [], []
+        for step, seed in enumerate((11, 12)):
+            state = _learner_state(model, processor, settings, seed)
+            stats = vl.load_adapter(state, version + step)
+            assert hf.load_adapter(state, version + step)["digest"] == stats["digest"]
+            assert vllm_engine.lora_request.lora_int_id == version + step
+            dirs.append(vllm_engine.lora_request.lora_path)
+            outputs.append([o.token_ids for o in vl.engine.generate(reqs, GREEDY)])
+            _assert_agree(hf.engine, vl.engine, reqs[:6])
+            _assert_agree(hf.engine, vl.engine, reqs[6:])
+            texts = vl.sample(["Describe the image."], [reqs[0].image], 2, GREEDY, seed=0)
+            assert texts[0][0] == texts[0][1] and vl.version == version + step
+        assert before != outputs[0] != outputs[1], "a sync did not change vLLM's output"
+        assert not os.path.exists(dirs[0]) and os.path.exists(dirs[1])  # old dir cleaned
+        with pytest.raises(ValueError, match="not newer"):
+            vl.load_adapter(state, version)
+    finally:
+        vllm_engine.lora_request = None
+        with torch.no_grad():
+            model.load_state_dict(projector, strict=False)

@@ -17,7 +17,8 @@ def load_generation_engine(engine: str, path: str, **load_kwargs: Any) -> HFGene
     """An engine over the checkpoint at `path` (dir, s3:// prefix or hub id).
 
     load_kwargs go to mmalign.models.loading.load_model (dtype, device); the vLLM engine
-    also takes cache_root and max_lora_rank.
+    also takes cache_root and max_lora_rank. "vllm" without the vllm package raises
+    ImportError (naming scripts/setup_vllm.sh) before any model is loaded.
     """
     if engine == "hf":
         return HFGenerationEngine.from_pretrained(path, **load_kwargs)

@@ -76,7 +76,8 @@ def validate_row(row: Mapping[str, Any], kind: str) -> str:
 
 
 def hf_generate_fn(engine: Any, max_new_tokens: int) -> GenerateFn:
-    """Adapt an HFGenerationEngine to `generate(list[(PIL image, question)]) -> texts`.
+    """Adapt a generation engine (HFGenerationEngine or its vLLM subclass) to
+    `generate(list[(PIL image, question)]) -> texts`.
 
     The question is wrapped by the processor's chat template (LLaVA-1.5/1.6 and the tiny
     model all ship one), decoding is greedy and runs to EOS or `max_new_tokens`, so the
@@ -144,21 +145,21 @@ class JudgeEngine:
 
     @classmethod
     def from_config(cls, cfg: Any, vocab: ObjectVocabulary | None = None) -> JudgeEngine:
-        """Build from a `mmalign.config.JudgeConfig` (loads the judge model for kind='vlm')."""
+        """Build from a `mmalign.config.JudgeConfig`: for kind='vlm' loads the judge model on
+        `judge.engine` ("hf" or "vllm", mmalign.engines.factory)."""
         if cfg.kind == "objects":
             return cls(
                 "objects", vocab=vocab, both_orders=cfg.both_orders, batch_size=cfg.batch_size
             )
-        if cfg.engine != "hf":
-            raise NotImplementedError(
-                f"judge.engine={cfg.engine!r}: only the 'hf' engine is wired to the judge so far"
-            )
         import torch
 
-        from mmalign.engines.hf_generation import HFGenerationEngine
+        from mmalign.engines import factory
 
         device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        engine = HFGenerationEngine.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
+        # judge.engine "vllm": greedy, unmasked decoding, which vLLM serves like HF
+        engine = factory.load_generation_engine(
+            cfg.engine, cfg.model, dtype=cfg.dtype, device=device
+        )
         return cls(
             "vlm",
             generate=hf_generate_fn(engine, cfg.max_new_tokens),

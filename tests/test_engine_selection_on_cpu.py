@@ -1,0 +1,124 @@
+"""`engine: vllm` is honoured or refused loudly wherever the config offers it (no vllm needed).
+
+The config refuses vLLM with BDHS "mask" semantics at load time; the judge, the BDHS
+operator and the policy sampler reach the engine the config names; without the vllm
+package every vLLM path raises an ImportError that says how to install it, before any
+model is loaded. The vLLM engine itself is tested in tests/test_vllm_engine_on_cpu.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+from mmalign import config as C
+from mmalign.engines import factory
+from mmalign.engines.hf_generation import HFGenerationEngine
+from mmalign.engines.learner import LearnerSettings, PreferenceLearner
+from mmalign.engines.vllm_generation import (
+    VLLMGenerationEngine,
+    split_adapter_state,
+    vllm_max_lora_rank,
+)
+
+NO_VLLM = importlib.util.find_spec("vllm") is None
+STUB = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace()), processor=None)
+
+
+def test_config_refuses_vllm_with_mask_semantics_on_cpu() -> None:
+    with pytest.raises(C.ConfigError, match=r"^bdhs\.mask_mode: must be 'drop' when sampler"):
+        C.load(None, {"sampler.engine": "vllm"})  # bdhs.mask_mode defaults to "mask"
+    cfg = C.load(None, {"sampler.engine": "vllm", "bdhs.mask_mode": "drop"})
+    assert (cfg.sampler.engine, cfg.bdhs.mask_mode) == ("vllm", "drop")
+    preset = C.load(str(C.EMBEDDED_PRESET.parent / "llava-1.6-7b.yaml"))
+    assert (preset.sampler.engine, preset.bdhs.mask_mode, preset.judge.engine) == (
+        "vllm",
+        "drop",
+        "vllm",
+    )
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record which engine the callers ask the factory for (no model is loaded)."""
+    seen: list[tuple[str, str]] = []
+
+    def fake(engine: str, path: str, **kwargs: Any) -> Any:
+        seen.append((engine, path))
+        return STUB
+
+    monkeypatch.setattr(factory, "load_generation_engine", fake)
+    return seen
+
+
+def test_judge_and_bdhs_operator_use_the_configured_engine_on_cpu(
+    calls: list[tuple[str, str]],
+) -> None:
+    from mmalign.engines.judge_engine import JudgeEngine
+    from operators.bdhs import BDHSOperator
+
+    judge = JudgeEngine.from_config(C.JudgeConfig(engine="vllm", model="judge-dir"))
+    assert judge.kind == "vlm" and calls[-1] == ("vllm", "judge-dir")
+    pool = [object()]  # an embedder pool handle: the operator loads no embedder
+    BDHSOperator("policy-dir", "bdhs", engine="vllm", mask_mode="drop", embedder_pool=pool)
+    assert calls[-1] == ("vllm", "policy-dir")
+    BDHSOperator("policy-dir", "povid", engine="vllm")  # one HF forward: vLLM adds nothing
+    assert calls[-1] == ("hf", "policy-dir")
+    with pytest.raises(ValueError, match="bdhs.mask_mode='mask'"):
+        BDHSOperator("policy-dir", "bdhs", engine="vllm", mask_mode="mask", embedder_pool=pool)
+    assert len(calls) == 3, "the mask refusal must come before the model is loaded"
+
+
+def test_factory_reaches_the_named_class_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cls, name in ((HFGenerationEngine, "hf"), (VLLMGenerationEngine, "vllm")):
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda c, p, **kw: (c, p, kw)))
+        got = factory.load_generation_engine(name, "dir", dtype="float32")
+        assert got == (cls, "dir", {"dtype": "float32"})
+    with pytest.raises(ValueError, match="engine must be one of"):
+        factory.load_generation_engine("tgi", "dir")
+
+
+@pytest.mark.skipif(not NO_VLLM, reason="vllm is installed here")
+def test_missing_vllm_raises_a_clear_import_error_on_cpu() -> None:
+    from mmalign.engines.judge_engine import JudgeEngine
+    from mmalign.engines.policy import PolicySampler
+    from operators.bdhs import BDHSOperator
+
+    hint = r"scripts/setup_vllm\.sh"
+    # model paths that do not exist: the ImportError must come before any loading
+    with pytest.raises(ImportError, match=hint):
+        factory.load_generation_engine("vllm", "/no/such/model")
+    with pytest.raises(ImportError, match=hint):
+        JudgeEngine.from_config(C.JudgeConfig(engine="vllm", model="/no/such/model"))
+    with pytest.raises(ImportError, match=hint):
+        BDHSOperator("/no/such/model", engine="vllm", mask_mode="drop", embedder_pool=[object()])
+    with pytest.raises(ImportError, match=hint):
+        PolicySampler(None, None, LearnerSettings(lora_rank=4, lora_alpha=8), engine="vllm")
+    with pytest.raises(ValueError, match="sampler.engine must be one of"):
+        PolicySampler(None, None, None, engine="tgi")
+
+
+def test_vllm_lora_rank_rounds_up_to_an_allowed_value_on_cpu() -> None:
+    assert [vllm_max_lora_rank(r) for r in (1, 4, 8, 100, 128, 512)] == [1, 8, 8, 128, 128, 512]
+    with pytest.raises(ValueError, match="learner.lora_r=600"):
+        vllm_max_lora_rank(600)
+
+
+def test_split_adapter_state_of_a_learner_with_projector_on_cpu() -> None:
+    from mmalign.models.tiny_llava import build_tiny_llava
+
+    model, processor = build_tiny_llava("small", seed=0)
+    names = set(model.state_dict())
+    settings = LearnerSettings(lora_rank=4, lora_alpha=8, train_projector=True)
+    state = PreferenceLearner(model, processor, settings).adapter_state()
+    lora, projector = split_adapter_state(state)
+    assert len(lora) + len(projector) == len(state) and lora and projector
+    assert all(".language_model." in k and "lora_" in k for k in lora)
+    # projector tensors come back under the LLaVA's own names, ready for load_state_dict
+    assert set(projector) == {k for k in names if k.startswith("model.multi_modal_projector.")}
+    with pytest.raises(ValueError, match="cannot serve"):
+        split_adapter_state({**state, "base_model.model.lm_head.weight": torch.zeros(1)})
