@@ -213,6 +213,13 @@ class JudgeConfig:
     num_cpus: float = opt(0.5, "Logical CPUs per judge replica.")
     num_gpus: float = opt(0.0, "GPUs per judge replica (34B needs >= 80 GB GPUs).")
     resources: str = _resources_opt("judge_node")
+    vocabulary: str = opt(
+        "shapesworld",
+        "Object vocabulary of kind=objects (annotated objects and mentions are mapped to its "
+        "classes): 'shapesworld' (the embedded world's colour-shape classes) or a CHAIR-style "
+        "synonyms file, local path or s3:// URI (one class per line, comma-separated, the "
+        "canonical name first, e.g. COCO's synonyms.txt).",
+    )
 
     def validate(self, p: str) -> None:
         _one_of(self.kind, ("vlm", "objects"), f"{p}.kind")
@@ -223,6 +230,16 @@ class JudgeConfig:
             _check(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1")
         _check(self.num_cpus >= 0 and self.num_gpus >= 0, p, "num_cpus/num_gpus must be >= 0")
         parse_resources(self.resources, f"{p}.resources")
+        # Checked here, not at the first judged row: a typo'd name or path would otherwise
+        # surface only inside a replica. An s3:// file is read (and checked) when loaded.
+        _check(
+            self.vocabulary == "shapesworld"
+            or (self.vocabulary.startswith("s3://") and len(self.vocabulary) > len("s3://"))
+            or Path(self.vocabulary).expanduser().is_file(),
+            f"{p}.vocabulary",
+            f"must be 'shapesworld' or a synonyms file (an existing local path or an s3:// "
+            f"URI), got {self.vocabulary!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -339,3 +339,82 @@ def test_judge_pool_on_a_numpy_dict_batch_on_cpu() -> None:
     assert list(out["judge_reason"]) == ["agree", "invalid"]
     assert "image: missing" in out["judge_error"][1]
     assert list(out["response_a"]) == [BAD, GOOD]  # inputs pass through, one row per row
+
+
+# ------------------------------------------------------------------ judge.vocabulary (COCO)
+
+# A hand-written slice of CHAIR's COCO synonyms.txt: canonical class first, then synonyms.
+COCO_SYNONYMS = """\
+person, girl, boy, man, woman, men, women, people, rider
+bicycle, bike, cycle
+dog, puppy, pup
+hot dog, hotdog
+dining table, table, desk
+"""
+RIDER = "A man rides a bike past a table."
+DOG = "A woman on a bicycle next to a puppy and a table."
+
+
+def test_object_judge_on_coco_objects_with_a_synonyms_file_on_cpu(tmp_path: Any) -> None:
+    from actors.judge_pool import JudgePool
+    from mmalign.config import JudgeConfig
+
+    path = tmp_path / "synonyms.txt"
+    path.write_text(COCO_SYNONYMS)
+    rows = [
+        # COCO-style annotations; the dog in `DOG` is not in the image
+        row(png(8), a=DOG, b=RIDER, objects=["person", "bicycle", "dining table"]),
+        row(png(8), a=RIDER, b=DOG, objects=["people", "bike", "table"]),  # surface forms
+        # "hot dog" is one object, never a dog: both mention only annotated objects
+        row(png(8), a="A boy eats a hot dog.", b="A boy eats.", objects=["person", "hot dog"]),
+        row(png(8), a=RIDER, b=DOG, objects=["giraffe"]),  # not a class of this vocabulary
+    ]
+    cfg = JudgeConfig(kind="objects", vocabulary=str(path))
+    cfg.validate("judge")
+    out = JudgeEngine.from_config(cfg).judge(rows)
+    assert [(v["winner"], v["reason"]) for v in out] == [
+        ("b", "agree"),
+        ("a", "agree"),
+        ("a", "agree"),
+        (None, "invalid"),
+    ]
+    assert (out[0]["hallucinated_a"], out[0]["recalled_a"]) == (1, 3)
+    assert (out[0]["hallucinated_b"], out[0]["recalled_b"]) == (0, 3)
+    assert (out[2]["hallucinated_a"], out[2]["recalled_a"]) == (0, 2)
+    assert "giraffe" in out[3]["error"]
+    # The ShapesWorld default rejects COCO objects: the field is what makes this work.
+    shapes = JudgeEngine.from_config(JudgeConfig(kind="objects")).judge(rows[:1])
+    assert shapes[0]["reason"] == "invalid" and "person" in shapes[0]["error"]
+    # The Ray Data pool builds its engine from the same config dict.
+    batch = {k: [r[k] for r in rows[:2]] for k in rows[0]}
+    pooled = JudgePool({"kind": "objects", "vocabulary": str(path)})(batch)
+    assert pooled["judge_winner"] == ["b", "a"]
+
+
+def test_bad_judge_vocabulary_fails_at_config_load_on_cpu(tmp_path: Any) -> None:
+    from mmalign.config import ConfigError, load
+    from mmalign.metrics.vocab import load_vocabulary
+
+    for bad in ("coco", str(tmp_path / "missing.txt"), str(tmp_path), "s3://"):
+        with pytest.raises(ConfigError, match=r"^judge\.vocabulary: must be 'shapesworld' or"):
+            load(overrides={"judge.kind": "objects", "judge.vocabulary": bad})
+    good = tmp_path / "synonyms.txt"
+    good.write_text(COCO_SYNONYMS)
+    assert load(overrides={"judge.vocabulary": str(good)}).judge.vocabulary == str(good)
+    # Content problems surface when the engine loads the file, naming it.
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# no classes\n")
+    with pytest.raises(ValueError, match="empty.txt: no object classes"):
+        load_vocabulary(str(empty))
+
+
+def test_judge_vocabulary_from_s3_on_cpu(s3_bucket: str) -> None:
+    from mmalign import storage
+    from mmalign.config import JudgeConfig
+
+    uri = s3_bucket + "/vocab/synonyms.txt"
+    storage.write_bytes(uri, COCO_SYNONYMS.encode())
+    engine = JudgeEngine.from_config(JudgeConfig(kind="objects", vocabulary=uri))
+    objects = ["person", "bicycle", "dining table"]
+    (verdict,) = engine.judge([row(png(8), a=DOG, b=RIDER, objects=objects)])
+    assert (verdict["winner"], verdict["hallucinated_a"]) == ("b", 1)

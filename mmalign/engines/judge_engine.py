@@ -32,7 +32,7 @@ from mmalign.judge import (
     object_judge,
     verdict_dict,
 )
-from mmalign.metrics.vocab import ObjectVocabulary
+from mmalign.metrics.vocab import ObjectVocabulary, load_vocabulary
 
 JUDGE_COLUMNS: tuple[str, ...] = ("image", "question", "response_a", "response_b", "objects")
 
@@ -148,6 +148,7 @@ class JudgeEngine:
         """Build from a `mmalign.config.JudgeConfig`: for kind='vlm' loads the judge model on
         `judge.engine` ("hf" or "vllm", mmalign.engines.factory)."""
         if cfg.kind == "objects":
+            vocab = vocab or load_vocabulary(cfg.vocabulary)  # judge.vocabulary
             return cls(
                 "objects", vocab=vocab, both_orders=cfg.both_orders, batch_size=cfg.batch_size
             )

@@ -225,3 +225,28 @@ def synonyms_vocabulary(text: str) -> ObjectVocabulary:
 def load_synonyms_vocabulary(path: str | Path) -> ObjectVocabulary:
     """`synonyms_vocabulary` read from a UTF-8 file."""
     return synonyms_vocabulary(Path(path).read_text(encoding="utf-8"))
+
+
+SHAPESWORLD = "shapesworld"
+
+
+def load_vocabulary(spec: str) -> ObjectVocabulary:
+    """`spec` "shapesworld" -> `shapes_vocabulary()`; anything else is a synonyms file
+    (`synonyms_vocabulary` format) at a local path or s3:// URI (`mmalign.storage`).
+
+    Raises ValueError naming `spec` when the file is not UTF-8 text or lists no class
+    (`mmalign.storage.StorageError` when it cannot be read).
+    """
+    if spec == SHAPESWORLD:
+        return shapes_vocabulary()
+    from mmalign import storage
+
+    try:
+        vocab = synonyms_vocabulary(storage.read_bytes(spec).decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{spec}: not a UTF-8 synonyms file ({err.reason})") from None
+    except ValueError as err:
+        raise ValueError(f"{spec}: {err}") from None
+    if not len(vocab):
+        raise ValueError(f"{spec}: no object classes (one class per line, synonyms after commas)")
+    return vocab
