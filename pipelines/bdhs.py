@@ -8,7 +8,8 @@ Reads prompt records (`data.prompts`: shapesworld:pref, LLaVA JSON, Parquet; loc
 s3://), skips ids already written when `storage.resume` is on, runs a pool of
 `sampler.concurrency` BDHSOperator actors (each holds the policy `sampler.model`) that
 call a separate CPU pool of `bdhs.embed_concurrency` sentence-embedder actors
-(`bdhs.embedder`, actors/embedder_pool.py) for the similarity gate, and streams the rows
+(`bdhs.embedder`, actors/embedder_pool.py) for the similarity gate (both pools placed by
+`bdhs.resources`, see pool_kwargs / embedder_pool_kwargs), and streams the rows
 into shards of `storage.shard_rows` rows at <output_dir>/bdhs/part-NNNNN.parquet. Each
 shard is written atomically, so a killed job loses only the shard in flight; rerunning
 resumes. Rows that cannot be used go to <output_dir>/bdhs/_quarantine.jsonl with a reason
@@ -72,6 +73,36 @@ def operator_kwargs(cfg: Config) -> dict[str, Any]:
         "embed_batch_size": b.embed_batch_size,
         "splitter": b.splitter,
         "seed": b.seed,
+    }
+
+
+def pool_kwargs(cfg: Config) -> dict[str, Any]:
+    """map_batches options of the BDHSOperator pool: `sampler.concurrency` actors with the
+    sampler's CPUs/GPUs, placed by `bdhs.resources` (a node-type label, e.g. sampler_node)."""
+    import ray.data
+
+    s = cfg.sampler
+    return {
+        "batch_size": s.batch_size,
+        "compute": ray.data.ActorPoolStrategy(size=s.concurrency),
+        "num_cpus": s.num_cpus,
+        "num_gpus": s.num_gpus,
+        "resources": parse_resources(cfg.bdhs.resources, "bdhs.resources"),
+    }
+
+
+def embedder_pool_kwargs(cfg: Config) -> dict[str, Any]:
+    """start_embedder_pool arguments: `bdhs.embed_concurrency` CPU actors with the BDHS
+    pool's label (`bdhs.resources`), so they run on the sampler nodes whose actors call
+    them once per try. Unlabelled, a CPU actor could land on (or make the autoscaler start)
+    any node type with CPUs, e.g. a judge node; cluster.yaml's head offers no CPUs."""
+    b = cfg.bdhs
+    return {
+        "model": b.embedder,
+        "size": b.embed_concurrency,
+        "num_cpus": 1.0,
+        "batch_size": b.embed_batch_size,
+        "resources": parse_resources(b.resources, "bdhs.resources"),
     }
 
 
@@ -147,20 +178,11 @@ def run_bdhs(cfg: Config) -> dict[str, Any]:
         s = cfg.sampler
         kwargs = operator_kwargs(cfg)
         if cfg.bdhs.variant != "povid":  # POVID has no similarity gate
-            pool = start_embedder_pool(
-                cfg.bdhs.embedder, cfg.bdhs.embed_concurrency, 1.0, cfg.bdhs.embed_batch_size
-            )
+            pool = start_embedder_pool(**embedder_pool_kwargs(cfg))  # beside the samplers
             kwargs["embedder_pool"] = pool
         items = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // s.batch_size))
-        ds = items.map_batches(
-            BDHSOperator,
-            fn_constructor_kwargs=kwargs,
-            batch_size=s.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=s.concurrency),
-            num_cpus=s.num_cpus,
-            num_gpus=s.num_gpus,
-            resources=parse_resources(cfg.bdhs.resources),  # e.g. sampler_node nodes
-        )
+        # pool_kwargs: sizes + bdhs.resources, the node-type label (e.g. sampler_node)
+        ds = items.map_batches(BDHSOperator, fn_constructor_kwargs=kwargs, **pool_kwargs(cfg))
         for out in _rows(ds.iter_batches(batch_size=s.batch_size, batch_format="numpy")):
             t_last = time.time()
             t_first = t_first or t_last

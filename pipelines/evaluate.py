@@ -55,6 +55,21 @@ def eval_records(cfg: Config, max_rows: int = 0) -> list[dict[str, Any]]:
     ]
 
 
+def pool_kwargs(cfg: Config) -> dict[str, Any]:
+    """map_batches options of the generation pool: `sampler.concurrency` actors with the
+    sampler's CPUs/GPUs, placed by `sampler.resources` (a node-type label)."""
+    import ray.data
+
+    s = cfg.sampler
+    return {
+        "batch_size": s.batch_size * 4,
+        "compute": ray.data.ActorPoolStrategy(size=s.concurrency),
+        "num_cpus": s.num_cpus,
+        "num_gpus": s.num_gpus,
+        "resources": parse_resources(s.resources, "sampler.resources"),
+    }
+
+
 def run_evaluation(cfg: Config, model: str | None = None, max_rows: int = 0) -> dict[str, Any]:
     """Evaluate `model` (default: cfg.sampler.model) on Ray Data; returns the report dict."""
     import ray
@@ -83,11 +98,7 @@ def run_evaluation(cfg: Config, model: str | None = None, max_rows: int = 0) -> 
             "temperature": 0.0,
             "engine": cfg.sampler.engine,
         },
-        batch_size=cfg.sampler.batch_size * 4,
-        compute=ray.data.ActorPoolStrategy(size=cfg.sampler.concurrency),
-        num_cpus=cfg.sampler.num_cpus,
-        num_gpus=cfg.sampler.num_gpus,
-        resources=parse_resources(cfg.sampler.resources),  # e.g. sampler_node nodes
+        **pool_kwargs(cfg),  # sizes + sampler.resources, the node-type label
     )
     answers = {
         row["idx"]: row["response"] for row in ds.select_columns(["idx", "response"]).iter_rows()

@@ -58,6 +58,21 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("sampler.samples_per_prompt: the judge needs at least 2 samples")
 
 
+def role_options(cfg: Config) -> dict[str, dict[str, Any]]:
+    """`.options(**...)` of each role's actors: CPUs, GPUs and the node-type label of its
+    section (`sampler.resources`, ...). The loop starts `sampler.concurrency` samplers, one
+    judge and one learner (one GPU with `learner.use_gpu`): `judge.concurrency` and
+    `learner.num_workers` are read by Serve / offline Ray Train, not here."""
+    from actors.online import actor_options
+
+    S, J, L = cfg.sampler, cfg.judge, cfg.learner
+    return {
+        "sampler": actor_options(S.num_cpus, S.num_gpus, S.resources),
+        "judge": actor_options(J.num_cpus, J.num_gpus, J.resources),
+        "learner": actor_options(L.num_cpus, 1 if L.use_gpu else 0, L.resources),
+    }
+
+
 class Checkpoints:
     """<ckpt>/step-NNNNNN/{learner.pt, adapter/, driver.json} and <ckpt>/latest."""
 
@@ -171,7 +186,7 @@ def run(cfg: Config) -> dict[str, Any]:
     import ray
 
     from actors.metrics import MetricsSink, busy_fractions
-    from actors.online import JudgeActor, LearnerActor, SamplerActor, actor_options
+    from actors.online import JudgeActor, LearnerActor, SamplerActor
     from actors.runtime import init_ray
     from operators.prompt_source import read_prompt_source
 
@@ -196,7 +211,8 @@ def run(cfg: Config) -> dict[str, Any]:
         if not len(source):
             raise ConfigError(f"data.prompts: no usable prompt rows in {cfg.data.prompts}")
     offline = load_offline(cfg)
-    res = actor_options(S.num_cpus, S.num_gpus, S.resources)  # + node-type labels
+    opts = role_options(cfg)  # CPUs, GPUs + node-type labels per role
+    res = opts["sampler"]
     bdhs_cfg = cfg.bdhs if use_bdhs else None
     samplers = [
         SamplerActor.options(name=f"{cfg.name}-sampler-{j}", **res).remote(S, L, bdhs_cfg, cfg.name)
@@ -204,13 +220,8 @@ def run(cfg: Config) -> dict[str, Any]:
     ]
     judge = None
     if not use_bdhs:
-        J = cfg.judge
-        judge = JudgeActor.options(**actor_options(J.num_cpus, J.num_gpus, J.resources)).remote(
-            J, cfg.name
-        )
-    learner = LearnerActor.options(
-        **actor_options(L.num_cpus, 1 if L.use_gpu else 0, L.resources)
-    ).remote(S.model, L, S.dtype, cfg.name)
+        judge = JudgeActor.options(**opts["judge"]).remote(cfg.judge, cfg.name)
+    learner = LearnerActor.options(**opts["learner"]).remote(S.model, L, S.dtype, cfg.name)
     # surface a failed model load now, not at the first checkpoint
     roles = [*samplers, learner, *([judge] if judge else [])]
     ray.get([a.__ray_ready__.remote() for a in roles])

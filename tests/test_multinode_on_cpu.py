@@ -1,12 +1,27 @@
-"""A two-node Ray cluster on this machine (loopback): the pipeline's pools land on the node
+"""A two-node Ray cluster on this machine (loopback): the pipelines' pools land on the node
 type their config `resources` label names, checked through Ray's state API.
 
     head:   ray start --head --num-cpus 4 --resources '{"learner_node": 4}'   (the CLI)
     worker: a second raylet joined at 127.0.0.1 with {"sampler_node": 4}     (see _join_node)
 
-Actors are started exactly as pipelines/online_dpo.py starts them (actors.online.actor_options
-from the config), and a Ray Data pool with `resources=` as pipelines/bdhs.py maps BDHS.
+The options come from the pipelines' own builders: pipelines/online_dpo.py `role_options`
+(sampler and learner actors), pipelines/bdhs.py `pool_kwargs` (a Ray Data actor pool, with
+a stand-in for the BDHS operator) and `embedder_pool_kwargs` (the real embedder pool).
 Only the processes of this cluster are stopped (never a plain `ray stop`).
+
+Why the worker is not `ray start --address` (Ray 2.60, checked by
+test_ray_start_address_cannot_join_over_loopback): the CLI's worker path refuses to run
+with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (ray/scripts/scripts.py, "Multi-node Ray clusters
+are not supported"), the setting that keeps a local Ray on loopback (scripts/test.sh,
+tests/conftest.py, actors/runtime.py). With it on (Linux's default) `ray start` passes both
+`--address` and `--node-ip-address` through services.resolve_ip_for_localhost, which turns
+127.0.0.1/localhost into the host's routable IP: the worker dials the GCS there (where a
+loopback head does not listen: "Failed to connect to GCS at address <host ip>:<port>")
+and would bind its raylet to it. Another spelling of loopback (127.0.0.2, 127.1) is not
+rewritten, but then the node's dashboard agent binds its gRPC server on all interfaces
+(ray/dashboard/agent.py binds loopback only for a node IP that `is_localhost`). So the
+worker is started the way `ray start --address` starts it internally (a non-head
+ray._private.node.Node, as ray.cluster_utils does), with node IP 127.0.0.1 as given.
 """
 
 from __future__ import annotations
@@ -37,7 +52,10 @@ def _ray_start(args: list[str], env: dict[str, str]) -> None:
 
 
 def _join_node(gcs_port: int, resources: dict[str, float]) -> Any:
-    """A worker node (raylet + agents) joined to the head at 127.0.0.1:gcs_port."""
+    """A worker node (raylet + agents) joined to the head at 127.0.0.1:gcs_port: what
+    `ray start --address=127.0.0.1:<port> --resources=...` does after its address
+    handling (scripts.py builds these RayParams and this Node), minus the rewrite of
+    127.0.0.1 to the routable IP (module docstring)."""
     import ray._private.node
     import ray._private.parameter
 
@@ -96,8 +114,11 @@ def test_pools_land_on_their_labelled_nodes(tmp_path: Path, monkeypatch) -> None
     import ray
     from ray.util.state import list_actors
 
+    from actors.embedder_pool import start_embedder_pool, stop_embedder_pool
     from actors.online import LearnerActor, SamplerActor, actor_options
-    from mmalign.config import load, parse_resources
+    from mmalign.config import load
+    from pipelines.bdhs import embedder_pool_kwargs, pool_kwargs
+    from pipelines.online_dpo import role_options
 
     env = {
         **os.environ,
@@ -123,21 +144,19 @@ def test_pools_land_on_their_labelled_nodes(tmp_path: Path, monkeypatch) -> None
                 "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={dash}",
                 f"--dashboard-agent-listen-port={_port()}",
+                f"--ray-client-server-port={_port()}",  # not 10001: other clusters may run
                 f"--resources={json.dumps({'learner_node': 4})}",
                 *common,
             ],
             env,
         )
-        # The second node joins over loopback. `ray start --address` itself cannot do that in
-        # Ray 2.60: joining needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, which rewrites
-        # 127.0.0.1 to the host's routable IP and binds the raylet on every interface. So
-        # the worker is started the way `ray start --address` starts it internally (a
-        # non-head ray._private.node.Node, as ray.cluster_utils does), pinned to 127.0.0.1.
-        worker = _join_node(gcs, {"sampler_node": 4})
+        worker = _join_node(gcs, {"sampler_node": 4})  # why not the CLI: module docstring
         cfg = load(
             str(ROOT / "pipelines" / "configs" / "shapes-cpu.yaml"),
             {
                 "sampler.model": _policy(tmp_path),
+                "sampler.concurrency": "2",
+                "sampler.batch_size": "2",
                 "sampler.resources": "sampler_node:0.5",
                 "bdhs.resources": "sampler_node:0.5",
                 "learner.resources": "learner_node:1",
@@ -150,24 +169,18 @@ def test_pools_land_on_their_labelled_nodes(tmp_path: Path, monkeypatch) -> None
         labelled = {label: nid for nid, res in nodes.items() for label in res if "_node" in label}
         assert labelled.keys() == {"learner_node", "sampler_node"}
 
-        sampler = SamplerActor.options(**actor_options(S.num_cpus, S.num_gpus, S.resources))
-        sampler = sampler.remote(S, L, None, "mn")
-        learner = LearnerActor.options(**actor_options(L.num_cpus, 0, L.resources))
-        learner = learner.remote(S.model, L, S.dtype, "mn")
+        # the actors as pipelines/online_dpo.py starts them (its role_options)
+        opts = role_options(cfg)
+        sampler = SamplerActor.options(**opts["sampler"]).remote(S, L, None, "mn")
+        learner = LearnerActor.options(**opts["learner"]).remote(S.model, L, S.dtype, "mn")
+        # the BDHS embedder pool as pipelines/bdhs.py starts it (waits for the model load)
+        embedders = start_embedder_pool(**embedder_pool_kwargs(cfg))
         ray.get([sampler.__ray_ready__.remote(), learner.__ray_ready__.remote()], timeout=180)
-        # the sampler really works where it landed
-        version, out = ray.get(sampler.version.remote()), None
-        assert version[0] == 0
+        assert ray.get(sampler.version.remote())[0] == 0  # it really works where it landed
 
-        # a Ray Data actor pool with resources=, as pipelines/bdhs.py maps its BDHS operator
+        # a Ray Data actor pool with pipelines/bdhs.py's map_batches options
         ds = ray.data.from_items([{"id": i} for i in range(8)], override_num_blocks=4)
-        ds = ds.map_batches(
-            WhereAmI,
-            batch_size=2,
-            compute=ray.data.ActorPoolStrategy(size=2),
-            num_cpus=0.5,
-            resources=parse_resources(cfg.bdhs.resources),
-        )
+        ds = ds.map_batches(WhereAmI, **pool_kwargs(cfg))
         data_nodes = {row["node"] for row in ds.iter_rows()}
         assert data_nodes == {labelled["sampler_node"]}, (data_nodes, labelled)
 
@@ -189,17 +202,56 @@ def test_pools_land_on_their_labelled_nodes(tmp_path: Path, monkeypatch) -> None
             time.sleep(1)
         (s_actor,) = alive["SamplerActor"]
         (l_actor,) = alive["LearnerActor"]
+        (e_actor,) = alive["EmbedderActor"]
         assert s_actor.node_id == labelled["sampler_node"]
         assert l_actor.node_id == labelled["learner_node"]
+        assert e_actor.node_id == labelled["sampler_node"]
         assert s_actor.required_resources.get("sampler_node") == 0.5
         assert l_actor.required_resources.get("learner_node") == 1.0
+        assert e_actor.required_resources.get("sampler_node") == 0.5
         pending = [a for a in by_class["SamplerActor"] if a.state != "ALIVE"]
         assert [a.state for a in pending] == ["PENDING_CREATION"], [a.state for a in pending]
         ray.kill(stray)
-        del out
+        stop_embedder_pool(embedders)
     finally:
         ray.shutdown()
         if worker is not None:
             worker.kill_all_processes(check_alive=False, allow_graceful=True)
         _stop_cluster(str(temp), gcs)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.ray
+def test_ray_start_address_cannot_join_over_loopback() -> None:
+    """The two reasons _join_node exists, as Ray 2.60 behaves. If this fails, Ray changed:
+    try `ray start --address=127.0.0.1:<port> --node-ip-address=127.0.0.1` again."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    # 1. Loopback-only (as the suite runs): the CLI refuses before it starts anything.
+    off = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    args = [f"--address=127.0.0.1:{_port()}", "--node-ip-address=127.0.0.1"]
+    proc = subprocess.run(
+        [str(BIN / "ray"), "start", *args, "--disable-usage-stats"],
+        env=off,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "Multi-node Ray clusters are not supported" in proc.stdout + proc.stderr
+    # 2. Clusters on (Linux's default): the address handling `ray start` applies to
+    # --address and --node-ip-address moves 127.0.0.1 off loopback.
+    on = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+    code = (
+        "from ray._private import services as s; "
+        "print(s.canonicalize_bootstrap_address('127.0.0.1:6379')); "
+        "print(s.resolve_ip_for_localhost('127.0.0.1'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=on, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    address, node_ip = out.stdout.split()
+    if node_ip == "127.0.0.1":
+        pytest.skip("this host has no routable IP: here the CLI would stay on loopback")
+    assert address == f"{node_ip}:6379"
+    assert not node_ip.startswith("127.")
