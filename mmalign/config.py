@@ -209,7 +209,9 @@ class JudgeConfig:
     )
     max_new_tokens: int = opt(48, "Tokens the judge may write (verdict + explanation).")
     batch_size: int = opt(8, "Judge requests per batch.")
-    concurrency: int = opt(1, "Judge replicas / actors.")
+    concurrency: int = opt(
+        1, "Serve judge: max replicas; Ray Data judge pool: actors (the online loop runs one)."
+    )
     num_cpus: float = opt(0.5, "Logical CPUs per judge replica.")
     num_gpus: float = opt(0.0, "GPUs per judge replica (34B needs >= 80 GB GPUs).")
     resources: str = _resources_opt("judge_node")

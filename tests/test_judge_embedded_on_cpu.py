@@ -2,13 +2,16 @@
 protocol: JudgeConfig(kind="vlm", prompt_style="compact") -> JudgeEngine.from_config ->
 both orders -> parse -> keep only agreeing pairs, on held-out `eval`-split pairs.
 
-Thresholds come from the measured full run (pipelines/eval_judge.py, 60 pairs; numbers
-in the model's README.md) with margin for a 40-pair sample (only ~11 kept): chance is 0.5 over
-kept pairs; a judge that guessed would also keep few pairs (its orders would disagree).
+"Clearly above chance" is a statistical claim, so it is tested as one: over 160 held-out
+pairs (disjoint from the README's 0..59; the better answer sits in slot A on half of them)
+the number of correct verdicts among kept pairs must be improbable under a coin flip,
+one-sided exact binomial p < 1e-3. Measured 2026-12-02: 47 kept, 38 correct (0.81), p ~ 1e-5.
+A guessing judge keeps ~half its pairs and is right on ~half of those (p ~ 0.5).
 """
 
 from __future__ import annotations
 
+from math import comb
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,21 @@ from mmalign.engines.judge_engine import JudgeEngine
 from pipelines.eval_judge import evaluate_judge, held_out_rows
 
 MODEL = Path(__file__).resolve().parents[1] / "assets" / "models" / "shapes-llava-judge"
+N_PAIRS = 160
+P_MAX = 1e-3
+
+
+def binomial_tail(successes: int, trials: int, p: float = 0.5) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, p)."""
+    return sum(
+        comb(trials, k) * p**k * (1 - p) ** (trials - k) for k in range(successes, trials + 1)
+    )
+
+
+def test_binomial_tail_hand_numbers_on_cpu() -> None:
+    assert binomial_tail(0, 3) == 1.0
+    assert binomial_tail(3, 3) == pytest.approx(1 / 8)
+    assert binomial_tail(2, 3) == pytest.approx(4 / 8)  # C(3,2) + C(3,3) = 4 outcomes
 
 
 @pytest.mark.slow
@@ -29,17 +47,13 @@ def test_embedded_judge_is_clearly_above_chance_on_cpu() -> None:
         kind="vlm", model=str(MODEL), prompt_style="compact", max_new_tokens=24, batch_size=20
     )
     engine = JudgeEngine.from_config(cfg)
-    rows = held_out_rows(40, offset=300)  # eval split, disjoint from the README's 0..59
+    rows = held_out_rows(N_PAIRS, offset=300)
     report, verdicts = evaluate_judge(engine, rows, batch_size=20)
-    assert report["pairs"] == 40 and report["judge/errors"] == 0
+    assert report["pairs"] == N_PAIRS and report["judge/errors"] == 0
     assert report["judge/invalid_rows"] == 0
-    assert report["keep_rate"] > KEEP_RATE_MIN, report
-    assert report["accuracy_kept"] > ACCURACY_MIN, report
+    kept = report["kept"]
+    correct = round(report["accuracy_kept"] * kept)
+    assert kept >= 20, report  # enough verdicts to say anything
+    assert binomial_tail(correct, kept) < P_MAX, report
     # verdicts carry the judge's own words, which parse to the kept choice
-    kept = [v for v in verdicts if v["kept"]]
-    assert all(v["raw_a"].strip().startswith("Response") for v in kept)
-
-
-# Set from the measurement (see the module docstring).
-KEEP_RATE_MIN = 0.2  # measured 0.50 (pairs 0..59) and 0.275 (pairs 300..339)
-ACCURACY_MIN = 0.6  # measured 0.90 and 0.73 (chance 0.5)
+    assert all(v["raw_a"].strip().startswith("Response") for v in verdicts if v["kept"])
