@@ -1,9 +1,8 @@
 """The shipped tiny policy (assets/models/shapes-llava-small) is calibrated as issue 3 asks.
 
 On the unbiased eval split it must hallucinate like a real MLLM, neither perfect nor
-broken: CHAIR_i in 5-25 % (issue 3; the shipped model is at 3.6 %, see below), POPE F1
-above chance and below 95 %; and hiding every image
-token (the "mask" semantics BDHS uses) must raise CHAIR_i by a large margin. The numbers
+broken: CHAIR_i in 5-25 % (issue 3), POPE F1 above chance and below 95 %; and hiding every
+image token (the "mask" semantics BDHS uses) must raise CHAIR_i by a large margin. The numbers
 on the full 200-image eval are in the model's README / eval.json; this test re-measures
 a 100-image subset so that a retrained checkpoint that drifts out of the band fails.
 """
@@ -38,9 +37,8 @@ def test_shipped_model_is_in_the_calibrated_band_on_cpu(model_and_records: tuple
     model, processor, records = model_and_records
     report = evaluate(greedy_fn(model, processor), records, batch_size=64)
     chair_i, pope_f1 = report["chair"]["chair_i"], report["pope_mean_f1"]
-    # Issue 3 targets 5-25 %; the shipped model measures 3.6 % (see its README), so the
-    # floor here is 2 %: still a model that hallucinates, not a perfect one.
-    assert 0.02 <= chair_i <= 0.25, report["chair"]
+    # Issue 3's band; the shipped model measures 6.1 % on 200 images, 6.9 % on these 100.
+    assert 0.05 <= chair_i <= 0.25, report["chair"]
     assert 0.60 <= pope_f1 < 0.95, report["pope"]
     # it answers from the image, not always "Yes" or always "No"
     assert 0.3 < report["pope"]["random"]["yes_ratio"] < 0.7, report["pope"]["random"]
