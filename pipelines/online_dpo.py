@@ -374,8 +374,12 @@ def run(cfg: Config) -> dict[str, Any]:
                 f"step {step + 1}/{L.steps} pairs {len(pairs)} "
                 + (f"bdhs failed {counts['bdhs_failed']} " if use_bdhs else "")
                 + (f"kept {counts['kept']}/{counts['judged']} " if not use_bdhs else "")
-                + f"loss {values.get('loss', float('nan')):.4f} "
-                f"margin {values.get('reward_margin', 0.0):.4f} v{version} lag {lag} "
+                + (
+                    f"loss {values['loss']:.4f} margin {values.get('reward_margin', 0.0):.4f} "
+                    if "loss" in values
+                    else "no update (no pairs) "
+                )
+                + f"v{version} lag {lag} "
                 f"{dt:.1f}s",
                 flush=True,
             )
