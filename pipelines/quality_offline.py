@@ -1,0 +1,230 @@
+"""Does preference training on BDHS pairs cut hallucination? DPO vs IPO vs SLiC (vs MDPO).
+
+    .venv/bin/python pipelines/quality_offline.py                      # embedded default
+    .venv/bin/python pipelines/quality_offline.py --losses dpo --pairs 128 --eval-images 100
+
+One process, no Ray (the distributed paths are `pipelines/bdhs.py` and
+`pipelines/offline_dpo.py`; this script runs the same operator, learner engine and metrics
+in-process so that a quality comparison fits a 2-core CPU box and a test):
+
+1. BDHS rejected answers from the policy itself for `--pairs` ShapesWorld `pref` prompts
+   (`operators.bdhs.BDHSOperator`, greedy, seeded per row); chosen = the reference answer.
+2. For each loss: LoRA preference training (`mmalign.engines.learner.PreferenceLearner`) on
+   those pairs from the same base weights, same data order, same seed.
+3. POPE (random / popular / adversarial) and CHAIR on the unbiased `eval` split, greedy, for
+   the base and for every trained policy (LoRA merged).
+Prints a Markdown table and, with --out, writes the JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` anywhere
+
+SHIPPED = str(Path(__file__).resolve().parents[1] / "assets/models/shapes-llava-small")
+# Loss temperatures: the middle of the paper's grids (ALGORITHMS.md section 1).
+# MDPO here ranks K = 2 responses (chosen, rejected): DPO plus its -r(y+) anchor.
+BETAS = {"dpo": 0.1, "ipo": 0.9, "slic": 0.1, "mdpo": 0.1}
+
+
+def bdhs_learner_rows(
+    model: str,
+    n_rows: int,
+    *,
+    seed: int = 0,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    offset: int = 0,
+    **bdhs: Any,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(learner rows, stats): BDHS pairs for ShapesWorld `pref` records offset..offset+n_rows.
+
+    Rows whose BDHS gate failed (or any other per-row error) are dropped and counted;
+    `bdhs` goes to BDHSOperator (rho_th, n_bdhs, eps_s, ...)."""
+    import numpy as np
+
+    from mmalign import io
+    from mmalign.preference_rows import to_learner_row
+    from operators.bdhs import INPUT_COLUMNS, BDHSOperator, to_preference_row
+
+    records, _ = io.read_prompts("shapesworld:pref", max_rows=offset + n_rows)
+    records = records[offset:]
+    op = BDHSOperator(model, max_new_tokens=max_new_tokens, seed=seed, **bdhs)
+    rows, errors, tries = [], 0, []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        batch = {}
+        for c in INPUT_COLUMNS:
+            col = np.empty(len(chunk), dtype=object)
+            col[:] = [r[c] for r in chunk]
+            batch[c] = col
+        out = op(batch)
+        for i, record in enumerate(chunk):
+            row = {k: out[k][i] for k in out}
+            if row["error"]:
+                errors += 1
+                continue
+            rows.append(to_learner_row(to_preference_row(row, record)))
+            tries.append(int(json.loads(row["meta"]).get("iterations", 0)))
+    n_bdhs = bdhs.get("n_bdhs", 5)
+    unguided = sum(t == n_bdhs for t in tries) / max(1, len(tries))
+    return rows, {"pairs": len(rows), "errors": errors, "unguided_fraction": unguided}
+
+
+def train_policy(
+    model: str,
+    rows: Sequence[dict[str, Any]],
+    *,
+    loss: str,
+    steps: int,
+    lr: float = 3e-4,
+    beta: float | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    projector_lr: float = 0.0,
+) -> tuple[Any, Any, list[dict[str, float]]]:
+    """(merged model, processor, per-step metrics) after `steps` optimizer steps of LoRA
+    preference training on `rows` (reshuffled every epoch with `seed`)."""
+    import torch
+
+    from mmalign.config import LearnerConfig
+    from mmalign.engines.learner import LearnerSettings, PreferenceLearner
+    from mmalign.models.loading import load_model
+
+    cfg = LearnerConfig(
+        loss=loss,
+        beta=BETAS[loss] if beta is None else beta,
+        lr=lr,
+        projector_lr=projector_lr,
+        lora_r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        batch_size=batch_size,
+        steps=steps,
+        schedule="constant",
+        seed=seed,
+    )
+    torch.manual_seed(seed)
+    if loss == "mdpo":  # a ranking of K = 2, best first
+        rows = [dict(r, responses=[r["chosen"], r["rejected"]]) for r in rows]
+    base, processor = load_model(model)
+    learner = PreferenceLearner(base, processor, LearnerSettings.from_config(cfg))
+    rng, order, history = random.Random(seed), [], []
+    while learner.global_step < steps:
+        if len(order) < batch_size:
+            order = list(rows)
+            rng.shuffle(order)
+        batch, order = order[:batch_size], order[batch_size:]
+        history.append(learner.step(batch))
+    merged = learner.merged_model().eval()
+    return merged, processor, history
+
+
+def eval_policy(model: Any, processor: Any, n_images: int) -> dict[str, float]:
+    """POPE mean F1 (+ per split) and CHAIR on the first `n_images` unbiased eval images."""
+    from mmalign.evaluation import evaluate, report_metrics
+    from mmalign.models.greedy import greedy_fn
+    from mmalign.shapes.world import WorldConfig, generate_split
+
+    records = generate_split(WorldConfig(), "eval", n_images)
+    return report_metrics(evaluate(greedy_fn(model, processor), records, batch_size=64))
+
+
+def compare(
+    model: str,
+    losses: Sequence[str],
+    *,
+    pairs: int,
+    steps: int,
+    eval_images: int,
+    lr: float,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The whole experiment; returns {"base": metrics, <loss>: metrics, "data": stats, ...}."""
+    from mmalign.models.loading import load_model
+
+    t0 = time.perf_counter()
+    rows, stats = bdhs_learner_rows(model, pairs, seed=seed)
+    report: dict[str, Any] = {"model": model, "data": stats, "steps": steps, "lr": lr}
+    report["seconds"] = {"bdhs": time.perf_counter() - t0}
+    base, processor = load_model(model)
+    report["base"] = eval_policy(base, processor, eval_images)
+    for loss in losses:
+        t1 = time.perf_counter()
+        merged, processor, history = train_policy(
+            model, rows, loss=loss, steps=steps, lr=lr, seed=seed
+        )
+        report[loss] = eval_policy(merged, processor, eval_images)
+        report[loss]["train/final_reward_accuracy"] = history[-1]["reward_accuracy"]
+        report["seconds"][loss] = time.perf_counter() - t1
+    return report
+
+
+def markdown_table(report: dict[str, Any], losses: Sequence[str]) -> str:
+    cols = [
+        ("CHAIR_i", "chair/chair_i"),
+        ("CHAIR_s", "chair/chair_s"),
+        ("Recall", "chair/recall"),
+        ("POPE F1 (mean)", "pope/mean_f1"),
+        ("random", "pope/random/f1"),
+        ("popular", "pope/popular/f1"),
+        ("adversarial", "pope/adversarial/f1"),
+        ("yes % (random)", "pope/random/yes_ratio"),
+    ]
+    lines = ["| policy | " + " | ".join(c for c, _ in cols) + " |"]
+    lines.append("|---" * (len(cols) + 1) + "|")
+    for name in ("base", *losses):
+        m = report[name]
+        label = "SFT base" if name == "base" else f"{name.upper()} on BDHS pairs"
+        lines.append(f"| {label} | " + " | ".join(f"{100 * m[k]:.1f}" for _, k in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default=SHIPPED, help="policy checkpoint (default: shipped tiny)")
+    ap.add_argument(
+        "--losses", default="dpo,ipo,slic,mdpo", help="comma-separated: dpo, ipo, slic, mdpo"
+    )
+    ap.add_argument("--pairs", type=int, default=512, help="BDHS pairs to generate")
+    ap.add_argument("--steps", type=int, default=64, help="optimizer steps per loss (8 pairs each)")
+    ap.add_argument("--lr", type=float, default=3e-4, help="LoRA learning rate")
+    ap.add_argument("--eval-images", type=int, default=200, help="unbiased eval images")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--out", default="", help="write the JSON report here")
+    args = ap.parse_args(argv)
+    losses = [x for x in args.losses.split(",") if x]
+    for loss in losses:
+        if loss not in BETAS:
+            ap.error(f"--losses: unknown loss {loss!r} (choose from {sorted(BETAS)})")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = compare(
+        args.model,
+        losses,
+        pairs=args.pairs,
+        steps=args.steps,
+        eval_images=args.eval_images,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    print(markdown_table(report, losses))
+    print(json.dumps({"data": report["data"], "seconds": report["seconds"]}))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The quality-comparison entry points run end to end on the shipped tiny policy.
+
+They produce the tables in docs/QUALITY.md; these tests keep them runnable (tiny sizes) and
+check that every reported policy really was trained and scored. The quality figures
+themselves come from full runs (see docs/QUALITY.md), not from these smoke sizes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+METRIC_KEYS = {"chair/chair_i", "chair/recall", "pope/mean_f1", "pope/random/yes_ratio"}
+
+
+@pytest.mark.slow
+def test_quality_offline_trains_and_scores_each_loss_on_cpu(tmp_path: Path) -> None:
+    from pipelines.quality_offline import main
+
+    out = tmp_path / "report.json"
+    argv = ["--pairs", "8", "--steps", "2", "--eval-images", "4", "--losses", "dpo,slic"]
+    report = main([*argv, "--threads", "1", "--out", str(out)])
+
+    assert json.loads(out.read_text())["data"] == report["data"]
+    assert report["data"]["pairs"] + report["data"]["errors"] == 8
+    for name in ("base", "dpo", "slic"):
+        assert set(report[name]) >= METRIC_KEYS, name
+    # two optimizer steps on 8-row batches really ran for each loss
+    assert 0.0 <= report["dpo"]["train/final_reward_accuracy"] <= 1.0
+    assert set(report["seconds"]) == {"bdhs", "dpo", "slic"}
+
+
+def test_quality_offline_rejects_an_unknown_loss_on_cpu() -> None:
+    from pipelines.quality_offline import main
+
+    with pytest.raises(SystemExit):
+        main(["--losses", "dpo,orpo"])
+
+
+def test_quality_tables_list_every_policy_on_cpu() -> None:
+    from pipelines.quality_offline import markdown_table as offline_table
+    from pipelines.quality_online import markdown_table as online_table
+
+    metrics = {k: 0.5 for k in METRIC_KEYS}
+    metrics.update({"chair/chair_s": 0.1, "pope/popular/f1": 0.5})
+    metrics.update({"pope/random/f1": 0.5, "pope/adversarial/f1": 0.5})
+    offline = offline_table({"base": metrics, "dpo": metrics}, ["dpo"])
+    assert "| SFT base | 50.0 |" in offline and "| DPO on BDHS pairs |" in offline
+    online = online_table({"base": metrics, "mixed": {**metrics, "pairs_trained": 7}}, ["mixed"])
+    assert online.splitlines()[-1].startswith("| mixed |") and online.endswith("| 7 |")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_quality_online_runs_a_mode_through_the_pipelines_on_cpu(tmp_path: Path) -> None:
+    import ray
+
+    from actors.runtime import init_ray
+    from pipelines.quality_online import main
+
+    argv = ["--modes", "online", "--steps", "2", "--eval-rows", "3"]
+    argv += ["--set", "learner.batch_size=4", "--set", "sampler.max_new_tokens=16"]
+    init_ray(local_cpus=8)
+    try:
+        report = main([*argv, "--output-dir", str(tmp_path / "runs")])
+    finally:
+        ray.shutdown()
+    assert set(report["base"]) >= METRIC_KEYS and set(report["online"]) >= METRIC_KEYS
+    summary = json.loads((tmp_path / "runs" / "online" / "summary.json").read_text())
+    assert summary["mode"] == "online" and summary["steps"] == 2
+    assert report["online"]["pairs_trained"] == summary["totals"]["pairs"]
