@@ -219,3 +219,22 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"{c['n_descriptions_without_mentions']} without any; {report['n_images']} images)"
     )
     return "\n".join(lines)
+
+
+def markdown_table(
+    rows: Sequence[tuple[str, Mapping[str, Any]]], columns: Sequence[tuple[str, str]]
+) -> str:
+    """Markdown table of flat metrics (`report_metrics` keys): one line per (label, metrics),
+    one column per (header, key). Floats are rates shown in percent; ints (counts) as they
+    are; a missing key is "-"."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        return str(value) if isinstance(value, int) else f"{100 * value:.1f}"
+
+    lines = ["| policy | " + " | ".join(h for h, _ in columns) + " |"]
+    lines.append("|---" * (len(columns) + 1) + "|")
+    for label, m in rows:
+        lines.append(f"| {label} | " + " | ".join(cell(m.get(k)) for _, k in columns) + " |")
+    return "\n".join(lines)

@@ -168,24 +168,24 @@ def compare(
     return report
 
 
+COLUMNS = (
+    ("CHAIR_i", "chair/chair_i"),
+    ("CHAIR_s", "chair/chair_s"),
+    ("Recall", "chair/recall"),
+    ("POPE F1 (mean)", "pope/mean_f1"),
+    ("random", "pope/random/f1"),
+    ("popular", "pope/popular/f1"),
+    ("adversarial", "pope/adversarial/f1"),
+    ("yes % (random)", "pope/random/yes_ratio"),
+)
+
+
 def markdown_table(report: dict[str, Any], losses: Sequence[str]) -> str:
-    cols = [
-        ("CHAIR_i", "chair/chair_i"),
-        ("CHAIR_s", "chair/chair_s"),
-        ("Recall", "chair/recall"),
-        ("POPE F1 (mean)", "pope/mean_f1"),
-        ("random", "pope/random/f1"),
-        ("popular", "pope/popular/f1"),
-        ("adversarial", "pope/adversarial/f1"),
-        ("yes % (random)", "pope/random/yes_ratio"),
-    ]
-    lines = ["| policy | " + " | ".join(c for c, _ in cols) + " |"]
-    lines.append("|---" * (len(cols) + 1) + "|")
-    for name in ("base", *losses):
-        m = report[name]
-        label = "SFT base" if name == "base" else f"{name.upper()} on BDHS pairs"
-        lines.append(f"| {label} | " + " | ".join(f"{100 * m[k]:.1f}" for _, k in cols) + " |")
-    return "\n".join(lines)
+    from mmalign.evaluation import markdown_table as table
+
+    rows = [("SFT base", report["base"])]
+    rows += [(f"{loss.upper()} on BDHS pairs", report[loss]) for loss in losses]
+    return table(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 
 from mmalign import storage  # noqa: E402
 from mmalign.config import EMBEDDED_PRESET, Config, load  # noqa: E402
+from mmalign.evaluation import markdown_table as metrics_table  # noqa: E402
 from mmalign.evaluation import report_metrics  # noqa: E402
 
 MODES = ("online", "mixed", "online-bdhs")
@@ -78,23 +79,20 @@ def run_modes(
     return report
 
 
+COLUMNS = (
+    ("CHAIR_i", "chair/chair_i"),
+    ("CHAIR_s", "chair/chair_s"),
+    ("Recall", "chair/recall"),
+    ("POPE F1 (mean)", "pope/mean_f1"),
+    ("popular F1", "pope/popular/f1"),
+    ("yes % (random)", "pope/random/yes_ratio"),
+    ("pairs trained", "pairs_trained"),
+)
+
+
 def markdown_table(report: dict[str, Any], modes: Sequence[str]) -> str:
-    cols = [
-        ("CHAIR_i", "chair/chair_i"),
-        ("CHAIR_s", "chair/chair_s"),
-        ("Recall", "chair/recall"),
-        ("POPE F1 (mean)", "pope/mean_f1"),
-        ("popular F1", "pope/popular/f1"),
-        ("yes % (random)", "pope/random/yes_ratio"),
-    ]
-    lines = ["| policy | " + " | ".join(c for c, _ in cols) + " | pairs trained |"]
-    lines.append("|---" * (len(cols) + 2) + "|")
-    for name in ("base", *modes):
-        m = report[name]
-        cells = " | ".join(f"{100 * m[k]:.1f}" for _, k in cols)
-        pairs = m.get("pairs_trained", "-")
-        lines.append(f"| {'SFT base' if name == 'base' else name} | {cells} | {pairs} |")
-    return "\n".join(lines)
+    rows = [("SFT base", report["base"])] + [(mode, report[mode]) for mode in modes]
+    return metrics_table(rows, COLUMNS)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
