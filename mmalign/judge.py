@@ -11,8 +11,9 @@ Two judges rank a pair (y_a, y_b) of answers to one image-grounded question:
   `mmalign.evaluation` uses, so the judge is tested with an honest stand-in for the text
   channel and served by whatever engine owns the weights.
 - **Object judge** (`object_judge`): exact and deterministic, from the image's object
-  annotations. Fewer hallucinated objects wins; then more annotated objects recalled;
-  otherwise a tie. It is the judge for ShapesWorld runs and a reference for the VLM judge.
+  annotations. Fewer hallucinated objects wins (a "yes" to "Is there a X?" claims X);
+  then more annotated objects recalled; otherwise a tie. It is the judge for ShapesWorld
+  runs and a reference for the VLM judge.
 
 A verdict is a flat dict with the same keys for every row (Ray Data and JSON both want a
 fixed shape): see `verdict_dict`. Ties, disagreements, parse failures and invalid rows are
@@ -21,6 +22,7 @@ dropped (`kept=False`) and counted (`JudgeStats`), never guessed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -32,6 +34,8 @@ from mmalign.metrics.vocab import ObjectVocabulary
 # contract (the caller's fault); "error" = the judge itself failed on a valid row.
 Reason = Literal["agree", "disagree", "tie", "parse_failure", "invalid", "error"]
 REASONS: tuple[str, ...] = ("agree", "disagree", "tie", "parse_failure", "invalid", "error")
+
+_YES = re.compile(r"\s*yes\b", re.IGNORECASE)
 
 # image -> any object the generate callable accepts (encoded bytes, a PIL image, ...).
 GenerateFn = Callable[[Sequence[tuple[Any, str]]], list[str]]
@@ -238,18 +242,37 @@ def canonical_objects(objects: Iterable[str], vocab: ObjectVocabulary) -> frozen
     return frozenset(out)
 
 
+def claimed_objects(response: str, question: str, vocab: ObjectVocabulary) -> set[str]:
+    """Object classes a response asserts are in the image: the ones it names, plus the one
+    a yes/no question asks about when the answer starts with "yes". Answering "Yes." to
+    "Is there a red circle in the image?" claims a red circle as surely as naming one; "No."
+    claims nothing (it can only cost recall). A question naming several classes is not an
+    existence question about one object, so its answer adds nothing."""
+    claimed = set(vocab.find_mentions(response))
+    if question and _YES.match(response):
+        asked = set(vocab.find_mentions(question))
+        if len(asked) == 1:
+            claimed |= asked
+    return claimed
+
+
 def object_judge(
-    response_a: str, response_b: str, objects: Collection[str], vocab: ObjectVocabulary
+    response_a: str,
+    response_b: str,
+    objects: Collection[str],
+    vocab: ObjectVocabulary,
+    question: str = "",
 ) -> Verdict:
     """Rank two responses by the image's annotated objects (exact, order-invariant).
 
-    Per response, over DISTINCT classes mentioned (repeating one object is not two
-    hallucinations): hallucinated = mentioned but not annotated; recalled = mentioned and
-    annotated. Fewer hallucinated wins; equal -> more recalled wins; equal -> tie.
+    Per response, over DISTINCT classes claimed (`claimed_objects`: named, or affirmed by a
+    "yes" to an existence `question`; repeating one object is not two hallucinations):
+    hallucinated = claimed but not annotated; recalled = claimed and annotated. Fewer
+    hallucinated wins; equal -> more recalled wins; equal -> tie.
     """
     truth = canonical_objects(objects, vocab)
-    mentioned_a = set(vocab.find_mentions(response_a))
-    mentioned_b = set(vocab.find_mentions(response_b))
+    mentioned_a = claimed_objects(response_a, question, vocab)
+    mentioned_b = claimed_objects(response_b, question, vocab)
     hall_a, hall_b = len(mentioned_a - truth), len(mentioned_b - truth)
     rec_a, rec_b = len(mentioned_a & truth), len(mentioned_b & truth)
     key_a, key_b = (-hall_a, rec_a), (-hall_b, rec_b)

@@ -174,6 +174,24 @@ def test_object_judge_prefers_fewer_hallucinations_then_recall_on_cpu() -> None:
     assert object_judge("", "Nothing to see.", objects, VOCAB).reason == "tie"
 
 
+def test_object_judge_reads_yes_as_claiming_the_asked_object_on_cpu() -> None:
+    objects = ["red circle", "blue square"]
+    absent, present = "Is there a green cross in the image?", "Is there a red disc here?"
+    # Absent object: "Yes." claims it (1 hallucination), "No." claims nothing -> "No." wins.
+    v = object_judge("Yes.", "No.", objects, VOCAB, question=absent)
+    assert (v.winner, v.hallucinated_a, v.hallucinated_b) == ("b", 1, 0)
+    # Present object (asked through a synonym): "Yes" recalls it -> "Yes" wins, either order.
+    assert object_judge("No.", "yes, there is", objects, VOCAB, question=present).winner == "b"
+    v = object_judge("Yes.", "No.", objects, VOCAB, question=present)
+    assert (v.winner, v.recalled_a, v.recalled_b) == ("a", 1, 0)
+    # Without the question the two answers claim nothing: a tie, as before.
+    assert object_judge("Yes.", "No.", objects, VOCAB).reason == "tie"
+    # "Yesterday" is not "yes"; a question naming two classes is not about one object.
+    assert object_judge("Yesterday.", "No.", objects, VOCAB, question=absent).reason == "tie"
+    both = "Is there a red circle or a green cross?"
+    assert object_judge("Yes.", "No.", objects, VOCAB, question=both).reason == "tie"
+
+
 def test_object_judge_maps_surface_forms_and_rejects_unknown_on_cpu() -> None:
     assert canonical_objects(["red disc", "blue square"], VOCAB) == {"red circle", "blue square"}
     with pytest.raises(ValueError, match="pink elephant"):

@@ -198,7 +198,13 @@ class JudgeEngine:
         assert self.vocab is not None
         objects = [o["name"] if isinstance(o, Mapping) else str(o) for o in row["objects"]]
         try:
-            return object_judge(row["response_a"], row["response_b"], objects, self.vocab)
+            return object_judge(
+                row["response_a"],
+                row["response_b"],
+                objects,
+                self.vocab,
+                question=str(row.get("question") or ""),
+            )
         except ValueError as err:
             return failed_verdict("objects", "invalid", f"objects: {err}")
 
