@@ -221,6 +221,15 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# (header, report_metrics key) of the headline numbers every quality table starts with.
+HEADLINE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("CHAIR_i", "chair/chair_i"),
+    ("CHAIR_s", "chair/chair_s"),
+    ("Recall", "chair/recall"),
+    ("POPE F1 (mean)", "pope/mean_f1"),
+)
+
+
 def markdown_table(
     rows: Sequence[tuple[str, Mapping[str, Any]]], columns: Sequence[tuple[str, str]]
 ) -> str:

@@ -29,6 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` anywhere
 
+from mmalign.evaluation import HEADLINE_COLUMNS  # noqa: E402
+
 SHIPPED = str(Path(__file__).resolve().parents[1] / "assets/models/shapes-llava-small")
 # Loss temperatures: the middle of the paper's grids (ALGORITHMS.md section 1).
 # MDPO here ranks K = 2 responses (chosen, rejected): DPO plus its -r(y+) anchor.
@@ -169,10 +171,7 @@ def compare(
 
 
 COLUMNS = (
-    ("CHAIR_i", "chair/chair_i"),
-    ("CHAIR_s", "chair/chair_s"),
-    ("Recall", "chair/recall"),
-    ("POPE F1 (mean)", "pope/mean_f1"),
+    *HEADLINE_COLUMNS,
     ("random", "pope/random/f1"),
     ("popular", "pope/popular/f1"),
     ("adversarial", "pope/adversarial/f1"),

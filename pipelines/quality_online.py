@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 
 from mmalign import storage  # noqa: E402
 from mmalign.config import EMBEDDED_PRESET, Config, load  # noqa: E402
+from mmalign.evaluation import HEADLINE_COLUMNS, report_metrics  # noqa: E402
 from mmalign.evaluation import markdown_table as metrics_table  # noqa: E402
-from mmalign.evaluation import report_metrics  # noqa: E402
 
 MODES = ("online", "mixed", "online-bdhs")
 
@@ -80,10 +80,7 @@ def run_modes(
 
 
 COLUMNS = (
-    ("CHAIR_i", "chair/chair_i"),
-    ("CHAIR_s", "chair/chair_s"),
-    ("Recall", "chair/recall"),
-    ("POPE F1 (mean)", "pope/mean_f1"),
+    *HEADLINE_COLUMNS,
     ("popular F1", "pope/popular/f1"),
     ("yes % (random)", "pope/random/yes_ratio"),
     ("pairs trained", "pairs_trained"),
