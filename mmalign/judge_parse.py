@@ -35,6 +35,12 @@ _NOUN_KEY = (
     r"(?:final verdict|verdict|final answer|final choice|answer|choice|decision|winner|"
     r"better response|better answer|best response|best answer|preferred response|preference)"
 )
+# Keys strong enough to take a bare number: "Final answer: 2" is a verdict, but "the correct
+# answer: 2" in a critique of a count question is not.
+_STRONG_KEY = (
+    r"(?:final verdict|verdict|final answer|final choice|winner|better response|better answer|"
+    r"best response|best answer|preferred response)"
+)
 # Bare adjectives only as a line or sentence label ("Better: Response 2"): mid-sentence,
 # "Response 1 is better: Response 2 invents a dog" names the other response after "better".
 _ADJ_KEY = r"(?:better|best|preferred|better one|better choice)"
@@ -43,7 +49,8 @@ _EXPLICIT_PATTERNS: tuple[re.Pattern[str], ...] = (
     re.compile(rf"\[\[\s*(?:{_RESP_ANY}|{_NUM})\s*\]\]"),
     # "Verdict: Response 2", "Final answer - 1", "The better response is Response 2".
     re.compile(
-        rf"\b{_NOUN_KEY}\s*(?:{_DASH}\s*(?:{_NAMED}|{_BARE_NUM})|(?:is|was|would be)\s+{_NAMED})"
+        rf"\b(?:{_NOUN_KEY}\s*{_DASH}\s*{_NAMED}|{_STRONG_KEY}\s*{_DASH}\s*{_BARE_NUM}"
+        rf"|{_NOUN_KEY}\s+(?:is|was|would be)\s+{_NAMED})"
     ),
     # "Better: Response 2", "Best - the first response" at the start of a line/sentence.
     re.compile(rf"(?:^|\n|[.!?][ \t]+)[^a-z0-9\n]*{_ADJ_KEY}\s*{_DASH}\s*(?:{_NAMED}|{_BARE_NUM})"),

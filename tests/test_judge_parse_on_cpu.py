@@ -42,6 +42,9 @@ CASES = [
 # Judges that critique each response before concluding: the "Response N:" line labels open
 # the text, but only the verdict line decides. Both presentation orders of the critiques.
 PER_RESPONSE = [
+    # a count question's critique: "answer: 2" is the count, not a verdict
+    ("Response 1.\nResponse 2 miscounts; the correct answer: 2.", "1"),
+    ("Response 1. Response 2 miscounts, the correct answer: two.", "1"),
     ("Response 1: hallucinates a dog.\nResponse 2: accurate.\nVerdict: Response 2", "2"),
     ("Response 2: accurate.\nResponse 1: hallucinates a dog.\nVerdict: Response 2", "2"),
     ("Response 1: accurate.\nResponse 2: hallucinates a dog.\nVerdict: Response 1", "1"),
