@@ -117,7 +117,7 @@ class SamplerConfig:
     engine: str = opt(
         "hf",
         "Generation engine of the online sampler and BDHS: 'hf' (transformers) or 'vllm' "
-        "(needs the vllm package, scripts/setup_vllm.sh, and bdhs.mask_mode 'drop'; LoRA "
+        "(needs the vllm package, scripts/setup_vllm.sh, and, for BDHS, bdhs.mask_mode 'drop'; LoRA "
         "syncs load as vLLM adapters; POVID stays on HF, a single forward pass).",
     )
     dtype: str = opt("float32", "Model dtype: float32, bfloat16 or float16.")
@@ -360,14 +360,18 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)  # type: ignore[union-attr]
-        # vLLM has no per-position attention mask: hidden image rows can only be dropped
-        # (the engine would fail every BDHS row at run time instead).
-        _check(
-            self.sampler.engine != "vllm" or self.bdhs.mask_mode == "drop",
-            "bdhs.mask_mode",
-            f"must be 'drop' when sampler.engine is 'vllm', got {self.bdhs.mask_mode!r}",
-        )
         return self
+
+
+def check_bdhs_engine(cfg: Config) -> None:
+    """For runs that sample BDHS (pipelines/bdhs.py, online mode 'online-bdhs'): vLLM has no
+    per-position attention mask, so hidden image rows can only be dropped; fail at start
+    instead of on every row. POVID samples nothing (one HF forward) and is exempt."""
+    _check(
+        cfg.sampler.engine != "vllm" or cfg.bdhs.variant == "povid" or cfg.bdhs.mask_mode == "drop",
+        "bdhs.mask_mode",
+        f"must be 'drop' when sampler.engine is 'vllm', got {cfg.bdhs.mask_mode!r}",
+    )
 
 
 # ---------------------------------------------------------------- building from dicts

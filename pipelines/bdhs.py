@@ -32,7 +32,7 @@ sys.path.insert(
 
 from mmalign import io as mio  # noqa: E402
 from mmalign import storage  # noqa: E402
-from mmalign.config import Config, parse_args, parse_resources  # noqa: E402
+from mmalign.config import Config, check_bdhs_engine, parse_args, parse_resources  # noqa: E402
 from mmalign.schema import RowError  # noqa: E402
 
 _PART = re.compile(r"part-(\d+)\.parquet$")
@@ -150,6 +150,7 @@ def run_bdhs(cfg: Config) -> dict[str, Any]:
     from actors.runtime import init_ray, quiet_data_context
     from operators.bdhs import BDHSOperator, to_preference_row
 
+    check_bdhs_engine(cfg)
     t0 = time.time()
     out_dir = storage.join(cfg.storage.output_dir, "bdhs")
     records, quarantine = mio.read_prompts(

@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 
 from mmalign import io as mio  # noqa: E402
 from mmalign import online, storage  # noqa: E402
-from mmalign.config import Config, ConfigError, parse_args  # noqa: E402
+from mmalign.config import Config, ConfigError, check_bdhs_engine, parse_args  # noqa: E402
 
 
 def check_config(cfg: Config) -> None:
@@ -54,6 +54,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"data.offline_pairs: mode {mode!r} needs an offline preference Parquet")
     if mode == "online-bdhs" and cfg.bdhs.variant not in ("bdhs", "bdhs-noise"):
         raise ConfigError("bdhs.variant: mode 'online-bdhs' needs 'bdhs' or 'bdhs-noise'")
+    if mode == "online-bdhs":
+        check_bdhs_engine(cfg)
     if mode != "online-bdhs" and cfg.sampler.samples_per_prompt < 2:
         raise ConfigError("sampler.samples_per_prompt: the judge needs at least 2 samples")
 

@@ -29,11 +29,19 @@ NO_VLLM = importlib.util.find_spec("vllm") is None
 STUB = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace()), processor=None)
 
 
-def test_config_refuses_vllm_with_mask_semantics_on_cpu() -> None:
+def test_bdhs_runs_refuse_vllm_with_mask_semantics_on_cpu() -> None:
+    from pipelines.online_dpo import check_config
+
+    cfg = C.load(None, {"sampler.engine": "vllm"})  # bdhs.mask_mode defaults to "mask"
     with pytest.raises(C.ConfigError, match=r"^bdhs\.mask_mode: must be 'drop' when sampler"):
-        C.load(None, {"sampler.engine": "vllm"})  # bdhs.mask_mode defaults to "mask"
-    cfg = C.load(None, {"sampler.engine": "vllm", "bdhs.mask_mode": "drop"})
-    assert (cfg.sampler.engine, cfg.bdhs.mask_mode) == ("vllm", "drop")
+        C.check_bdhs_engine(cfg)
+    online_bdhs = {"sampler.engine": "vllm", "pipeline.mode": "online-bdhs"}
+    online_bdhs["data.offline_pairs"] = "pairs.parquet"
+    with pytest.raises(C.ConfigError, match=r"^bdhs\.mask_mode"):
+        check_config(C.load(None, online_bdhs))
+    check_config(cfg)  # plain online sampling never masks: vLLM with any mask_mode is fine
+    C.check_bdhs_engine(C.load(None, {"sampler.engine": "vllm", "bdhs.variant": "povid"}))
+    C.check_bdhs_engine(C.load(None, {"sampler.engine": "vllm", "bdhs.mask_mode": "drop"}))
     preset = C.load(str(C.EMBEDDED_PRESET.parent / "llava-1.6-7b.yaml"))
     assert (preset.sampler.engine, preset.bdhs.mask_mode, preset.judge.engine) == (
         "vllm",
