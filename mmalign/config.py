@@ -117,8 +117,8 @@ class SamplerConfig:
     engine: str = opt(
         "hf",
         "Generation engine of the online sampler and BDHS: 'hf' (transformers) or 'vllm' "
-        "(needs the vllm package, scripts/setup_vllm.sh, and, for BDHS, bdhs.mask_mode 'drop'; LoRA "
-        "syncs load as vLLM adapters; POVID stays on HF, a single forward pass).",
+        "(needs the vllm package, scripts/setup_vllm.sh, and, for BDHS, bdhs.mask_mode "
+        "'drop'; LoRA syncs load as vLLM adapters; POVID stays on HF, a single forward pass).",
     )
     dtype: str = opt("float32", "Model dtype: float32, bfloat16 or float16.")
     temperature: float = opt(1.0, "Sampling temperature for online samples (0 = greedy).")
