@@ -73,8 +73,11 @@ class SamplerActor:
         device = _device(sampler.num_gpus)
         model, processor = load_model(sampler.model, sampler.dtype, device)
         self.cfg = sampler
+        vllm = (
+            {"gpu_memory_utilization": sampler.vllm_gpu_memory} if sampler.engine == "vllm" else {}
+        )
         self.policy = PolicySampler(
-            model, processor, LearnerSettings.from_config(learner), engine=sampler.engine
+            model, processor, LearnerSettings.from_config(learner), engine=sampler.engine, **vllm
         )
         self.online_bdhs: Any = None
         if bdhs is not None:

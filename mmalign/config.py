@@ -120,6 +120,12 @@ class SamplerConfig:
         "(needs the vllm package, scripts/setup_vllm.sh, and, for BDHS, bdhs.mask_mode "
         "'drop'; LoRA syncs load as vLLM adapters; POVID stays on HF, a single forward pass).",
     )
+    vllm_gpu_memory: float = opt(
+        0.5,
+        "engine vllm: fraction of each GPU vLLM may reserve (weights + KV cache); the HF copy "
+        "that computes image embeddings needs the rest (vLLM's own default, 0.9, leaves "
+        "too little).",
+    )
     dtype: str = opt("float32", "Model dtype: float32, bfloat16 or float16.")
     temperature: float = opt(1.0, "Sampling temperature for online samples (0 = greedy).")
     top_p: float = opt(1.0, "Nucleus sampling threshold in (0, 1].")
@@ -134,6 +140,7 @@ class SamplerConfig:
 
     def validate(self, p: str) -> None:
         _one_of(self.engine, ("hf", "vllm"), f"{p}.engine")
+        _check(0 < self.vllm_gpu_memory <= 1, f"{p}.vllm_gpu_memory", "must be in (0, 1]")
         _one_of(self.dtype, ("float32", "bfloat16", "float16"), f"{p}.dtype")
         _check(self.temperature >= 0, f"{p}.temperature", "must be >= 0")
         _check(0 < self.top_p <= 1, f"{p}.top_p", "must be in (0, 1]")
@@ -200,6 +207,12 @@ class JudgeConfig:
         "Judge checkpoint for kind=vlm (the paper: llava-hf/llava-v1.6-34b-hf).",
     )
     engine: str = opt("hf", "Generation engine for the judge: 'hf' or 'vllm'.")
+    vllm_gpu_memory: float = opt(
+        0.5,
+        "engine vllm: fraction of each GPU vLLM may reserve (weights + KV cache); the HF copy "
+        "that computes image embeddings needs the rest (vLLM's own default, 0.9, leaves "
+        "too little).",
+    )
     dtype: str = opt("float32", "Judge dtype: float32, bfloat16 or float16.")
     both_orders: bool = opt(True, "Judge both presentation orders; keep a pair only if they agree.")
     prompt_style: str = opt(
@@ -226,6 +239,7 @@ class JudgeConfig:
     def validate(self, p: str) -> None:
         _one_of(self.kind, ("vlm", "objects"), f"{p}.kind")
         _one_of(self.engine, ("hf", "vllm"), f"{p}.engine")
+        _check(0 < self.vllm_gpu_memory <= 1, f"{p}.vllm_gpu_memory", "must be in (0, 1]")
         _one_of(self.dtype, ("float32", "bfloat16", "float16"), f"{p}.dtype")
         _one_of(self.prompt_style, ("full", "compact"), f"{p}.prompt_style")
         for name in ("max_new_tokens", "batch_size", "concurrency"):

@@ -91,6 +91,7 @@ class BDHSOperator:
         engine: generation engine (config sampler.engine), "hf" or "vllm"; "vllm" needs
             mask_mode="drop". POVID is one teacher-forced forward of the HF model, so it
             always uses "hf" (vLLM would only add its start-up, the output is the same).
+        vllm_gpu_memory: fraction of each GPU vLLM may reserve (config sampler.vllm_gpu_memory).
     """
 
     def __init__(
@@ -113,6 +114,7 @@ class BDHSOperator:
         embedder_pool: list[Any] | None = None,
         batched: bool = True,
         engine: str = "hf",
+        vllm_gpu_memory: float = 0.5,
     ) -> None:
         import torch
 
@@ -132,7 +134,11 @@ class BDHSOperator:
         self.variant = variant
         self.seed = seed
         self.engine = factory.load_generation_engine(
-            "hf" if variant == "povid" else engine, model, dtype=dtype, device=device
+            "hf" if variant == "povid" else engine,
+            model,
+            vllm_gpu_memory,
+            dtype=dtype,
+            device=device,
         )
         if variant == "bdhs":
             noise_steps = 0

@@ -33,6 +33,7 @@ class GenerateOperator:
         stop_strings: tuple[str, ...] = (),
         seed: int = 0,
         engine: str = "hf",
+        vllm_gpu_memory: float = 0.5,
     ) -> None:
         import torch
 
@@ -40,7 +41,9 @@ class GenerateOperator:
         from mmalign.engines.hf_generation import SamplingSettings
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.engine = load_generation_engine(engine, model, dtype=dtype, device=device)
+        self.engine = load_generation_engine(
+            engine, model, vllm_gpu_memory, dtype=dtype, device=device
+        )
         self.settings = SamplingSettings(
             max_new_tokens=max_new_tokens,
             temperature=temperature,

@@ -60,6 +60,7 @@ def operator_kwargs(cfg: Config) -> dict[str, Any]:
     return {
         "model": cfg.sampler.model,
         "engine": cfg.sampler.engine,
+        "vllm_gpu_memory": cfg.sampler.vllm_gpu_memory,
         "variant": b.variant,
         "dtype": cfg.sampler.dtype,
         "max_new_tokens": cfg.sampler.max_new_tokens,

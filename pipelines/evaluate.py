@@ -97,6 +97,7 @@ def run_evaluation(cfg: Config, model: str | None = None, max_rows: int = 0) -> 
             "max_new_tokens": cfg.sampler.max_new_tokens,
             "temperature": 0.0,
             "engine": cfg.sampler.engine,
+            "vllm_gpu_memory": cfg.sampler.vllm_gpu_memory,
         },
         **pool_kwargs(cfg),  # sizes + sampler.resources, the node-type label
     )

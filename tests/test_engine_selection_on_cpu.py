@@ -46,34 +46,52 @@ def test_bdhs_runs_refuse_vllm_with_mask_semantics_on_cpu() -> None:
     assert (preset.sampler.engine, preset.bdhs.mask_mode, preset.judge.engine) == (
         "vllm",
         "drop",
-        "vllm",
+        "hf",  # a 34B judge cannot hold HF's and vLLM's copies on one 80 GB GPU
     )
 
 
-@pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Record which engine the callers ask the factory for (no model is loaded)."""
-    seen: list[tuple[str, str]] = []
+class Calls(list):
+    """(engine, path) per factory call; `memory` holds each call's vllm_gpu_memory."""
 
-    def fake(engine: str, path: str, **kwargs: Any) -> Any:
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory: list[float] = []
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Calls:
+    """Record which engine the callers ask the factory for (no model is loaded)."""
+    seen = Calls()
+
+    def fake(engine: str, path: str, vllm_gpu_memory: float = 0.5, **kwargs: Any) -> Any:
         seen.append((engine, path))
+        memory.append(vllm_gpu_memory)
         return STUB
+
+    memory: list[float] = seen.memory
 
     monkeypatch.setattr(factory, "load_generation_engine", fake)
     return seen
 
 
-def test_judge_and_bdhs_operator_use_the_configured_engine_on_cpu(
-    calls: list[tuple[str, str]],
-) -> None:
+def test_judge_and_bdhs_operator_use_the_configured_engine_on_cpu(calls: Calls) -> None:
     from mmalign.engines.judge_engine import JudgeEngine
     from operators.bdhs import BDHSOperator
 
-    judge = JudgeEngine.from_config(C.JudgeConfig(engine="vllm", model="judge-dir"))
+    cfg = C.JudgeConfig(engine="vllm", model="judge-dir", vllm_gpu_memory=0.3)
+    judge = JudgeEngine.from_config(cfg)
     assert judge.kind == "vlm" and calls[-1] == ("vllm", "judge-dir")
     pool = [object()]  # an embedder pool handle: the operator loads no embedder
-    BDHSOperator("policy-dir", "bdhs", engine="vllm", mask_mode="drop", embedder_pool=pool)
+    BDHSOperator(
+        "policy-dir",
+        "bdhs",
+        engine="vllm",
+        mask_mode="drop",
+        embedder_pool=pool,
+        vllm_gpu_memory=0.7,
+    )
     assert calls[-1] == ("vllm", "policy-dir")
+    assert calls.memory == [0.3, 0.7]  # each config's share reaches the factory
     BDHSOperator("policy-dir", "povid", engine="vllm")  # one HF forward: vLLM adds nothing
     assert calls[-1] == ("hf", "policy-dir")
     with pytest.raises(ValueError, match="bdhs.mask_mode='mask'"):
@@ -84,8 +102,9 @@ def test_judge_and_bdhs_operator_use_the_configured_engine_on_cpu(
 def test_factory_reaches_the_named_class_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     for cls, name in ((HFGenerationEngine, "hf"), (VLLMGenerationEngine, "vllm")):
         monkeypatch.setattr(cls, "from_pretrained", classmethod(lambda c, p, **kw: (c, p, kw)))
-        got = factory.load_generation_engine(name, "dir", dtype="float32")
-        assert got == (cls, "dir", {"dtype": "float32"})
+        got = factory.load_generation_engine(name, "dir", 0.4, dtype="float32")
+        want = {"dtype": "float32", **({"gpu_memory_utilization": 0.4} if name == "vllm" else {})}
+        assert got == (cls, "dir", want)
     with pytest.raises(ValueError, match="engine must be one of"):
         factory.load_generation_engine("tgi", "dir")
 

@@ -159,7 +159,7 @@ class JudgeEngine:
         device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         # judge.engine "vllm": greedy, unmasked decoding, which vLLM serves like HF
         engine = factory.load_generation_engine(
-            cfg.engine, cfg.model, dtype=cfg.dtype, device=device
+            cfg.engine, cfg.model, cfg.vllm_gpu_memory, dtype=cfg.dtype, device=device
         )
         return cls(
             "vlm",

@@ -221,7 +221,9 @@ class VLLMGenerationEngine(HFGenerationEngine):
 
         require_vllm()
         engine_kwargs = {
-            k: load_kwargs.pop(k) for k in ("cache_root", "max_lora_rank") if k in load_kwargs
+            k: load_kwargs.pop(k)
+            for k in ("cache_root", "max_lora_rank", "gpu_memory_utilization")
+            if k in load_kwargs
         }
         model, processor = load_model(path, **load_kwargs)
         return cls(model, processor, **engine_kwargs)
