@@ -60,7 +60,7 @@ def bdhs_learner_rows(
     records, _ = io.read_prompts("shapesworld:pref", max_rows=offset + n_rows)
     records = records[offset:]
     op = BDHSOperator(model, max_new_tokens=max_new_tokens, seed=seed, **bdhs)
-    rows, errors, tries = [], 0, []
+    rows, errors, unguided = [], 0, 0
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         batch = {}
@@ -75,10 +75,9 @@ def bdhs_learner_rows(
                 errors += 1
                 continue
             rows.append(to_learner_row(to_preference_row(row, record)))
-            tries.append(int(json.loads(row["meta"]).get("iterations", 0)))
-    n_bdhs = bdhs.get("n_bdhs", 5)
-    unguided = sum(t == n_bdhs for t in tries) / max(1, len(tries))
-    return rows, {"pairs": len(rows), "errors": errors, "unguided_fraction": unguided}
+            unguided += bool(json.loads(row["meta"] or "{}").get("final_unguided"))
+    stats = {"pairs": len(rows), "errors": errors}
+    return rows, {**stats, "unguided_fraction": unguided / max(1, len(rows))}
 
 
 def train_policy(
@@ -166,6 +165,7 @@ def compare(
         )
         report[loss] = eval_policy(merged, processor, eval_images)
         report[loss]["train/final_reward_accuracy"] = history[-1]["reward_accuracy"]
+        report[loss]["train/optimizer_steps"] = int(history[-1]["optimizer_step"])
         report["seconds"][loss] = time.perf_counter() - t1
     return report
 

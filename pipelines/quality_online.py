@@ -45,7 +45,9 @@ def run_modes(
     root = base["storage.output_dir"]
 
     def cfg_for(name: str, **extra: Any) -> Config:
-        over = {**base, "storage.output_dir": storage.join(root, name), **extra}
+        # its own run name too: named actors and metric tags must not collide across modes
+        over = {**base, "name": f"quality-{name}", "storage.output_dir": storage.join(root, name)}
+        over.update(extra)
         preset = base.get("config") or str(EMBEDDED_PRESET)
         return load(preset, {k: v for k, v in over.items() if k != "config"})
 

@@ -28,7 +28,9 @@ def test_quality_offline_trains_and_scores_each_loss_on_cpu(tmp_path: Path) -> N
     for name in ("base", "dpo", "slic"):
         assert set(report[name]) >= METRIC_KEYS, name
     # two optimizer steps on 8-row batches really ran for each loss
+    assert report["dpo"]["train/optimizer_steps"] == report["slic"]["train/optimizer_steps"] == 2
     assert 0.0 <= report["dpo"]["train/final_reward_accuracy"] <= 1.0
+    assert 0.0 <= report["data"]["unguided_fraction"] <= 1.0
     assert set(report["seconds"]) == {"bdhs", "dpo", "slic"}
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mmalign.engines.factory import ENGINES
 from mmalign.engines.hf_generation import HFGenerationEngine, SamplingSettings
 from mmalign.engines.learner import LearnerSettings, lora_config
 from mmalign.engines.mm_inputs import VLRequest
@@ -37,9 +38,6 @@ def adapter_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 def adapter_nbytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-ENGINES = ("hf", "vllm")
 
 
 class PolicySampler:
