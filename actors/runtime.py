@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 log = logging.getLogger("mmalign")
 
@@ -40,3 +41,22 @@ def quiet_data_context() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ctx.verbose_stats_logs = False
+
+
+def sampler_pool_kwargs(
+    sampler: Any, batch_size: int, resources: str, field: str
+) -> dict[str, Any]:
+    """`map_batches` options of a pool of `sampler.concurrency` actors with the sampler's
+    CPUs/GPUs, placed by the node-type label `resources` (config field `field`, named in
+    errors). Shared by the BDHS and the evaluation pools."""
+    import ray.data
+
+    from mmalign.config import parse_resources
+
+    return {
+        "batch_size": batch_size,
+        "compute": ray.data.ActorPoolStrategy(size=sampler.concurrency),
+        "num_cpus": sampler.num_cpus,
+        "num_gpus": sampler.num_gpus,
+        "resources": parse_resources(resources, field),
+    }

@@ -81,6 +81,15 @@ def _resources_opt(example: str) -> Any:
     )
 
 
+def _vllm_memory_opt() -> Any:
+    return opt(
+        0.5,
+        "engine vllm: fraction of each GPU vLLM may reserve (weights + KV cache); the HF copy "
+        "that computes image embeddings needs the rest (vLLM's own default, 0.9, leaves "
+        "too little).",
+    )
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where prompts, images, reference answers and offline pairs come from."""
@@ -120,12 +129,7 @@ class SamplerConfig:
         "(needs the vllm package, scripts/setup_vllm.sh, and, for BDHS, bdhs.mask_mode "
         "'drop'; LoRA syncs load as vLLM adapters; POVID stays on HF, a single forward pass).",
     )
-    vllm_gpu_memory: float = opt(
-        0.5,
-        "engine vllm: fraction of each GPU vLLM may reserve (weights + KV cache); the HF copy "
-        "that computes image embeddings needs the rest (vLLM's own default, 0.9, leaves "
-        "too little).",
-    )
+    vllm_gpu_memory: float = _vllm_memory_opt()
     dtype: str = opt("float32", "Model dtype: float32, bfloat16 or float16.")
     temperature: float = opt(1.0, "Sampling temperature for online samples (0 = greedy).")
     top_p: float = opt(1.0, "Nucleus sampling threshold in (0, 1].")
@@ -207,12 +211,7 @@ class JudgeConfig:
         "Judge checkpoint for kind=vlm (the paper: llava-hf/llava-v1.6-34b-hf).",
     )
     engine: str = opt("hf", "Generation engine for the judge: 'hf' or 'vllm'.")
-    vllm_gpu_memory: float = opt(
-        0.5,
-        "engine vllm: fraction of each GPU vLLM may reserve (weights + KV cache); the HF copy "
-        "that computes image embeddings needs the rest (vLLM's own default, 0.9, leaves "
-        "too little).",
-    )
+    vllm_gpu_memory: float = _vllm_memory_opt()
     dtype: str = opt("float32", "Judge dtype: float32, bfloat16 or float16.")
     both_orders: bool = opt(True, "Judge both presentation orders; keep a pair only if they agree.")
     prompt_style: str = opt(

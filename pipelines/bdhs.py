@@ -80,16 +80,10 @@ def operator_kwargs(cfg: Config) -> dict[str, Any]:
 def pool_kwargs(cfg: Config) -> dict[str, Any]:
     """map_batches options of the BDHSOperator pool: `sampler.concurrency` actors with the
     sampler's CPUs/GPUs, placed by `bdhs.resources` (a node-type label, e.g. sampler_node)."""
-    import ray.data
+    from actors.runtime import sampler_pool_kwargs
 
     s = cfg.sampler
-    return {
-        "batch_size": s.batch_size,
-        "compute": ray.data.ActorPoolStrategy(size=s.concurrency),
-        "num_cpus": s.num_cpus,
-        "num_gpus": s.num_gpus,
-        "resources": parse_resources(cfg.bdhs.resources, "bdhs.resources"),
-    }
+    return sampler_pool_kwargs(s, s.batch_size, cfg.bdhs.resources, "bdhs.resources")
 
 
 def embedder_pool_kwargs(cfg: Config) -> dict[str, Any]:

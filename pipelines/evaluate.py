@@ -24,7 +24,7 @@ sys.path.insert(
 
 from mmalign import io as mio  # noqa: E402
 from mmalign import storage  # noqa: E402
-from mmalign.config import Config, parse_args, parse_resources  # noqa: E402
+from mmalign.config import Config, parse_args  # noqa: E402
 from mmalign.evaluation import (  # noqa: E402
     build_requests,
     format_report,
@@ -58,16 +58,10 @@ def eval_records(cfg: Config, max_rows: int = 0) -> list[dict[str, Any]]:
 def pool_kwargs(cfg: Config) -> dict[str, Any]:
     """map_batches options of the generation pool: `sampler.concurrency` actors with the
     sampler's CPUs/GPUs, placed by `sampler.resources` (a node-type label)."""
-    import ray.data
+    from actors.runtime import sampler_pool_kwargs
 
     s = cfg.sampler
-    return {
-        "batch_size": s.batch_size * 4,
-        "compute": ray.data.ActorPoolStrategy(size=s.concurrency),
-        "num_cpus": s.num_cpus,
-        "num_gpus": s.num_gpus,
-        "resources": parse_resources(s.resources, "sampler.resources"),
-    }
+    return sampler_pool_kwargs(s, s.batch_size * 4, s.resources, "sampler.resources")
 
 
 def run_evaluation(cfg: Config, model: str | None = None, max_rows: int = 0) -> dict[str, Any]:
