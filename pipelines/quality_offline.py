@@ -93,12 +93,13 @@ def train_policy(
     projector_lr: float = 0.0,
 ) -> tuple[Any, Any, list[dict[str, float]]]:
     """(merged model, processor, per-step metrics) after `steps` optimizer steps of LoRA
-    preference training on `rows` (reshuffled every epoch with `seed`)."""
+    preference training on `rows` (reshuffled every epoch with `seed`, `shuffled_batches`)."""
     import torch
 
     from mmalign.config import LearnerConfig
     from mmalign.engines.learner import LearnerSettings, PreferenceLearner
     from mmalign.models.loading import load_model
+    from mmalign.models.sft import shuffled_batches
 
     cfg = LearnerConfig(
         loss=loss,
@@ -118,13 +119,10 @@ def train_policy(
         rows = [dict(r, responses=[r["chosen"], r["rejected"]]) for r in rows]
     base, processor = load_model(model)
     learner = PreferenceLearner(base, processor, LearnerSettings.from_config(cfg))
-    rng, order, history = random.Random(seed), [], []
+    batches = shuffled_batches(len(rows), batch_size, random.Random(seed))  # as in SFT
+    history = []
     while learner.global_step < steps:
-        if len(order) < batch_size:
-            order = list(rows)
-            rng.shuffle(order)
-        batch, order = order[:batch_size], order[batch_size:]
-        history.append(learner.step(batch))
+        history.append(learner.step([rows[i] for i in next(batches).tolist()]))
     merged = learner.merged_model().eval()
     return merged, processor, history
 
