@@ -373,6 +373,12 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)  # type: ignore[union-attr]
+        _check(
+            not (self.pipeline.mode == "online-bdhs" and self.learner.loss == "mdpo"),
+            "learner.loss",
+            "must be a pair loss (dpo, ipo, slic) in pipeline.mode 'online-bdhs' (its "
+            "two-rejected rows have no single ranking), got 'mdpo'",
+        )
         return self
 
 

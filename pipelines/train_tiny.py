@@ -55,6 +55,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--world-seed", type=int, default=0, help="WorldConfig.seed")
     p.add_argument("--n-sft", type=int, default=20000, help="sft records to generate")
     p.add_argument("--bias-strength", type=float, default=0.85)
+    p.add_argument(
+        "--caption-noise",
+        type=float,
+        default=0.0,
+        help="WorldConfig.caption_noise: P that an sft answer also claims the absent bias "
+        "partner of a present trigger (annotation noise -> a language-prior hallucination)",
+    )
+    p.add_argument(
+        "--sft-hard-negatives",
+        type=float,
+        default=0.0,
+        help="P that an sft existence question about an absent object names a sibling class "
+        "(same colour or shape as a present one; WorldConfig.hard_negatives)",
+    )
     p.add_argument("--n-eval", type=int, default=300, help="eval images (0: skip eval)")
     p.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)"
@@ -102,7 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    world = WorldConfig(seed=args.world_seed, bias_strength=args.bias_strength)
+    world = WorldConfig(
+        seed=args.world_seed,
+        bias_strength=args.bias_strength,
+        caption_noise=args.caption_noise,
+        hard_negatives=(("sft", args.sft_hard_negatives), ("pref", 0.5)),
+    )
     sft_world = world
     if args.task_weights:
         pairs = [item.split("=") for item in args.task_weights.split(",")]

@@ -210,8 +210,15 @@ def test_two_rejected_and_mdpo_steps_on_cpu() -> None:
     assert last["reward_margin"] > 0 and last["loss"] < first["loss"]
     with pytest.raises(ValueError, match="same K"):
         mdpo.step([ranked, dict(ROW, responses=["Yes.", "No."])])
-    with pytest.raises(ValueError, match="same K"):
-        mdpo.step([ROW])  # an MDPO learner needs ranked rows
+    # a plain pair is the K = 2 ranking [chosen, rejected] (online pairs, TRL sets)
+    as_pair, _ = _learner(loss="mdpo", beta=0.5)
+    as_ranking, _ = _learner(loss="mdpo", beta=0.5)
+    ranking = dict(ROW, responses=[ROW["chosen"], ROW["rejected"]])
+    for _ in range(2):
+        a, b = as_pair.step([ROW]), as_ranking.step([ranking])
+    assert a["loss"] == pytest.approx(b["loss"]) and a["loss"] != pytest.approx(math.log(2))
+    with pytest.raises(ValueError, match="rejected_extra"):
+        mdpo.step([extra])  # two rejected answers have no single ranking
 
 
 def test_gradient_checkpointing_same_loss_and_grads_on_cpu() -> None:

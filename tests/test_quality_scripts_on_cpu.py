@@ -34,6 +34,30 @@ def test_quality_offline_trains_and_scores_each_loss_on_cpu(tmp_path: Path) -> N
     assert set(report["seconds"]) == {"bdhs", "dpo", "slic"}
 
 
+@pytest.mark.slow
+def test_preference_training_on_bdhs_pairs_cuts_hallucination_on_cpu() -> None:
+    """Issue 5's quality item on the shipped policy, fixed seeds: MDPO (DPO + its anchor on
+    the chosen answer) on 512 BDHS pairs cuts CHAIR_i by >= 2 points on 200 unbiased eval
+    images (measured 10.0 -> 6.4) while Recall and POPE F1 hold (measured 85.3 -> 84.7,
+    90.3 -> 91.3). Shortcuts do not pass: plain DPO at the same step reaches CHAIR_i 6.3 by
+    naming fewer objects (Recall 61, POPE 86.4), SLiC 9.1 (Recall 77, POPE 88.0)."""
+    import torch
+
+    from mmalign.models.loading import load_model
+    from pipelines.quality_offline import SHIPPED, bdhs_learner_rows, eval_policy, train_policy
+
+    torch.set_num_threads(2)
+    rows, stats = bdhs_learner_rows(SHIPPED, 512, seed=0)
+    assert stats["pairs"] == 512
+    base = eval_policy(*load_model(SHIPPED), 200)
+    merged, processor, history = train_policy(SHIPPED, rows, loss="mdpo", steps=64, lr=1e-3)
+    trained = eval_policy(merged, processor, 200)
+    assert history[-1]["optimizer_step"] == 64
+    assert trained["chair/chair_i"] <= base["chair/chair_i"] - 0.02, (base, trained)
+    assert trained["chair/recall"] >= base["chair/recall"] - 0.03, (base, trained)
+    assert trained["pope/mean_f1"] >= base["pope/mean_f1"] - 0.01, (base, trained)
+
+
 def test_quality_offline_rejects_an_unknown_loss_on_cpu() -> None:
     from pipelines.quality_offline import main
 

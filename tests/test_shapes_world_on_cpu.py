@@ -119,6 +119,9 @@ def test_bias_ratio_as_configured_and_eval_unbiased_on_cpu() -> None:
         ({"bias_pairs": (("red circle", "blue square"), ("blue square", "red cross"))}, "bias"),
         ({"bias_pairs": (("red blob", "blue square"),)}, "bias_pairs"),
         ({"bias_strength": 1.5}, "bias_strength"),
+        ({"caption_noise": -0.1}, "caption_noise"),
+        ({"hard_negatives": (("train", 0.5),)}, "hard_negatives"),
+        ({"hard_negatives": (("pref", 2.0),)}, "hard_negatives"),
         ({"max_objects": 0}, "max_objects"),
         ({"task_weights": (("dance", 1.0),)}, "task_weights"),
         ({"split_sizes": (("train", 5),)}, "split_sizes"),
@@ -135,3 +138,63 @@ def test_split_sizes_and_unknown_split_on_cpu() -> None:
     assert generate_split(cfg, "pref") == []
     with pytest.raises(ValueError, match="split"):
         generate_split(cfg, "train")
+
+
+def _describes(records: list[dict]) -> list[tuple[set[str], list[str]]]:
+    return [
+        ({o["name"] for o in r["objects"]}, _parse_description(r["conversations"][1]["value"]))
+        for r in records
+        if r["task"] == "describe"
+    ]
+
+
+def test_caption_noise_claims_absent_partners_in_sft_only_on_cpu() -> None:
+    clean = WorldConfig(seed=2, bias_strength=0.5, task_weights=(("describe", 1.0),))
+    noisy = WorldConfig(
+        seed=2, bias_strength=0.5, caption_noise=1.0, task_weights=(("describe", 1.0),)
+    )
+    partners = dict(noisy.bias_pairs)
+    claimed = eligible = 0
+    for truth, said in _describes(generate_split(noisy, "sft", 600)):
+        for trigger, partner in partners.items():
+            if trigger in truth and partner not in truth:
+                eligible += 1
+                claimed += partner in said
+                # named right after its trigger, the true objects all still named
+                assert said[said.index(trigger) + 1] == partner, (truth, said)
+        assert set(said) - truth <= set(partners.values()), (truth, said)
+        assert truth <= set(said)
+    assert eligible > 50 and claimed == eligible
+    for split in ("pref", "eval"):  # faithful answers outside "sft"
+        assert generate_split(noisy, split, 100) == generate_split(clean, split, 100)
+    # caption_noise 0 draws nothing extra: the default world's records are unchanged
+    assert generate_split(clean, "sft", 100) == generate_split(
+        WorldConfig(seed=2, bias_strength=0.5, task_weights=(("describe", 1.0),), caption_noise=0.0),
+        "sft",
+        100,
+    )
+
+
+def _negative_siblings(records: list[dict]) -> tuple[int, int]:
+    siblings = negatives = 0
+    for r in records:
+        if r["task"] != "existence" or r["conversations"][1]["value"] != T.NO:
+            continue
+        colour, word = re.findall(r"Is there a (\w+) (\w+) in", r["conversations"][0]["value"])[0]
+        names = {o["name"] for o in r["objects"]}
+        assert f"{colour} {CANONICAL[word]}" not in names  # still a true "No"
+        negatives += 1
+        siblings += any(
+            n.split()[0] == colour or n.split()[1] == CANONICAL[word] for n in names
+        )
+    return siblings, negatives
+
+
+def test_hard_negatives_probe_siblings_in_the_listed_split_on_cpu() -> None:
+    cfg = WorldConfig(seed=0, task_weights=(("existence", 1.0),), hard_negatives=(("pref", 1.0),))
+    s, n = _negative_siblings(generate_split(cfg, "pref", 400))
+    assert n > 150 and s == n
+    # unlisted splits draw any absent class: siblings only by chance (~half here)
+    s, n = _negative_siblings(generate_split(cfg, "sft", 400))
+    assert n > 150 and s < 0.8 * n
+    assert dict(WorldConfig().hard_negatives) == {"pref": 0.5}

@@ -59,8 +59,9 @@ LARGE = SHIPPED.parent / "shapes-llava-large"
 
 @pytest.mark.slow
 def test_large_model_is_more_accurate_than_the_small_one_on_cpu(model_and_records: tuple) -> None:
-    """Issue 3's second size: same family, clearly better on both metrics (measured on 200
-    images: POPE F1 91.1 vs 85.1, CHAIR_i 2.3 vs 6.1; see its README)."""
+    """Issue 3's second size: same family, clearly better descriptions and no worse on POPE
+    (measured on 200 images: CHAIR_i 2.3 vs 10.0, Recall 94.1 vs 85.3, POPE F1 91.1 vs 90.3;
+    the small one's stage-4 noisy captions make it hallucinate, see both READMEs)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     small, processor, records = model_and_records
@@ -70,5 +71,6 @@ def test_large_model_is_more_accurate_than_the_small_one_on_cpu(model_and_record
     )
     s = evaluate(greedy_fn(small, processor), records, batch_size=64)
     big = evaluate(greedy_fn(large, AutoProcessor.from_pretrained(LARGE)), records, batch_size=64)
-    assert big["pope_mean_f1"] >= s["pope_mean_f1"] + 0.03, (big["pope"], s["pope"])
-    assert big["chair"]["chair_i"] <= s["chair"]["chair_i"] - 0.02, (big["chair"], s["chair"])
+    assert big["chair"]["chair_i"] <= s["chair"]["chair_i"] - 0.05, (big["chair"], s["chair"])
+    assert big["chair"]["recall"] >= s["chair"]["recall"] + 0.05, (big["chair"], s["chair"])
+    assert big["pope_mean_f1"] >= s["pope_mean_f1"], (big["pope"], s["pope"])

@@ -152,9 +152,16 @@ def rows_to_responses(rows: Sequence[Mapping[str, Any]], loss: str) -> tuple[lis
 
     two_rejected rows are [chosen, rejected, extra]; a row without an extra in a batch that
     has some repeats its rejected as the extra, which makes its loss the plain pair loss.
+    MDPO takes a row's `responses` ranking, or [chosen, rejected] (K = 2) when it has none
+    (online pairs, plain preference sets).
     """
     if loss == "mdpo":
-        resp = [list(r.get("responses") or []) for r in rows]
+        if any(r.get("rejected_extra") for r in rows):
+            raise ValueError(
+                "rejected_extra: MDPO ranks one list; the two-rejected rows (online-bdhs, "
+                "POVID) need a pair loss (dpo, ipo, slic)"
+            )
+        resp = [list(r.get("responses") or [r["chosen"], r["rejected"]]) for r in rows]
         if len({len(x) for x in resp}) != 1 or len(resp[0]) < 2:
             raise ValueError("MDPO rows need 'responses' with the same K >= 2 in a batch")
         return resp, "ranked"

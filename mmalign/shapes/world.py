@@ -53,6 +53,14 @@ class WorldConfig:
     """(trigger, partner) object classes; no class may appear in two pairs."""
     bias_strength: float = 0.85
     """P(partner present | trigger present) in the biased splits ("sft", "pref")."""
+    caption_noise: float = 0.0
+    """Annotation noise of the "sft" split only: P that a description / existence answer
+    claims the absent bias partner of a present trigger (noisy instruction data teaching a
+    language prior that overrides the image). "pref" and "eval" answers stay faithful."""
+    hard_negatives: tuple[tuple[str, float], ...] = (("pref", 0.5),)
+    """(split, p): P that an existence question about an absent object names a class that
+    shares the colour or the shape of a present object (hallucination-probing prompts, like
+    POPE's adversarial negatives); otherwise, and in unlisted splits, any absent class."""
     synonym_prob: float = 0.25
     """Probability that a shape word in a caption/question is a synonym ("disc", "box")."""
     colour_jitter: int = 12
@@ -91,6 +99,11 @@ class WorldConfig:
                 seen.add(name)
         if not 0.0 <= self.bias_strength <= 1.0:
             raise bad("bias_strength", "must be in [0, 1]")
+        for split, p in self.hard_negatives:
+            if split not in SPLITS or not 0.0 <= p <= 1.0:
+                raise bad("hard_negatives", f"need (split in {SPLITS}, p in [0, 1]), got {split!r}, {p}")
+        if not 0.0 <= self.caption_noise <= 1.0:
+            raise bad("caption_noise", "must be in [0, 1]")
         if not 0.0 <= self.synonym_prob <= 1.0:
             raise bad("synonym_prob", "must be in [0, 1]")
         for task, w in self.task_weights:
@@ -126,7 +139,11 @@ def generate_record(cfg: WorldConfig, split: str, index: int) -> dict:
     )
     tasks, weights = zip(*cfg.task_weights, strict=True)
     task = rng.choices(tasks, weights=weights)[0]
-    task, question, answer = make_task(cfg, task, objects, rng)
+    claimed = objects
+    if split == "sft" and cfg.caption_noise > 0:  # no extra draw at 0: records unchanged
+        claimed = claimed_objects(cfg, objects, rng)
+    hard = dict(cfg.hard_negatives).get(split, 0.0)
+    task, question, answer = make_task(cfg, task, objects, rng, claimed=claimed, hard=hard)
     return {
         "id": f"{split}-{index:06d}",
         "image": to_png(image),
@@ -176,6 +193,22 @@ def sample_classes(cfg: WorldConfig, rng: random.Random, biased: bool) -> list[s
             names[names.index(partner)] = rng.choice(spare)
         settled.update((trigger, partner))
     return names
+
+
+def claimed_objects(cfg: WorldConfig, objects: list[dict], rng: random.Random) -> list[dict]:
+    """What a noisy annotator says is in the image: `objects`, plus, with prob caption_noise
+    per present trigger whose partner is absent, the partner right after the trigger
+    (same place; the record's "objects" stay the truth)."""
+    present = {o["name"] for o in objects}
+    partners = {t: p for t, p in cfg.bias_pairs if t in present and p not in present}
+    claimed: list[dict] = []
+    for obj in objects:
+        claimed.append(obj)
+        partner = partners.get(obj["name"])
+        if partner is not None and rng.random() < cfg.caption_noise:
+            colour, shape = partner.split(" ")
+            claimed.append({**obj, "colour": colour, "shape": shape, "name": partner})
+    return claimed
 
 
 def place_objects(cfg: WorldConfig, names: list[str], rng: random.Random) -> list[dict]:
@@ -229,17 +262,34 @@ def describe(objects: list[dict], cfg: WorldConfig, rng: random.Random) -> str:
     return " ".join(T.THERE_IS.format(obj=surface(o["name"], cfg, rng)) for o in objects)
 
 
+def _sibling(name: str, present: list[str]) -> bool:
+    """`name` shares its colour or its shape with one of `present`."""
+    colour, shape = name.split(" ")
+    return any(p.split(" ")[0] == colour or p.split(" ")[1] == shape for p in present)
+
+
 def make_task(
-    cfg: WorldConfig, task: str, objects: list[dict], rng: random.Random
+    cfg: WorldConfig,
+    task: str,
+    objects: list[dict],
+    rng: random.Random,
+    claimed: list[dict] | None = None,
+    hard: float = 0.0,
 ) -> tuple[str, str, str]:
     """(task, question, answer) for one image. A colour question needs a shape that occurs
-    once in the image; when there is none the record falls back to a description."""
-    present = [o["name"] for o in objects]
+    once in the image; when there is none the record falls back to a description.
+    Descriptions and existence answers follow `claimed` (default: the true `objects`);
+    `hard`: P that a "No" question names a sibling class (see WorldConfig.hard_negatives)."""
+    claimed = objects if claimed is None else claimed
+    present = [o["name"] for o in claimed]
     if task == "existence":
         if rng.random() < 0.5:
             name, answer = rng.choice(present), T.YES
         else:
-            name, answer = rng.choice([c for c in OBJECT_CLASSES if c not in present]), T.NO
+            absent = [c for c in OBJECT_CLASSES if c not in present]
+            if hard > 0 and rng.random() < hard:
+                absent = [c for c in absent if _sibling(c, present)] or absent
+            name, answer = rng.choice(absent), T.NO
         return task, T.EXISTENCE_PROMPT.format(obj=surface(name, cfg, rng)), answer
     if task == "count":
         n = len(objects)
@@ -263,4 +313,4 @@ def make_task(
             T.POSITION_PROMPT.format(obj=phrase),
             T.POSITION_ANSWER.format(obj=phrase, where=where),
         )
-    return "describe", rng.choice(T.DESCRIBE_PROMPTS), describe(objects, cfg, rng)
+    return "describe", rng.choice(T.DESCRIBE_PROMPTS), describe(claimed, cfg, rng)
