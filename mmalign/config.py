@@ -261,7 +261,11 @@ class JudgeConfig:
 class LearnerConfig:
     """Preference optimisation (ALGORITHMS.md section 1) with LoRA on the language model."""
 
-    loss: str = opt("dpo", "'dpo', 'ipo', 'slic' or 'mdpo' (K ranked responses).")
+    loss: str = opt(
+        "dpo",
+        "'dpo', 'ipo', 'slic' or 'mdpo' (K ranked responses; a plain pair ranks as K = 2; "
+        "not in mode 'online-bdhs').",
+    )
     beta: float = opt(
         0.1, "Loss temperature beta (paper grids: DPO .05-.5, IPO .8-1, SLiC .02-.2)."
     )
@@ -373,12 +377,6 @@ class Config:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)  # type: ignore[union-attr]
-        _check(
-            not (self.pipeline.mode == "online-bdhs" and self.learner.loss == "mdpo"),
-            "learner.loss",
-            "must be a pair loss (dpo, ipo, slic) in pipeline.mode 'online-bdhs' (its "
-            "two-rejected rows have no single ranking), got 'mdpo'",
-        )
         return self
 
 

@@ -172,7 +172,8 @@ def to_learner_row(
         raw: the input row as Python values (e.g. `pyarrow.Table.to_pylist()` output).
         load_image: reads an image struct {"bytes": None, "path": p} -> bytes; needed only
             for rows whose image is a path. It may raise RowError for unreadable images.
-        ranked: the learner runs MDPO, so `responses` (K >= 2, best first) is required.
+        ranked: the learner runs MDPO: `responses` (K >= 2, best first), or a plain pair
+            as the K = 2 ranking [chosen, rejected]; a second rejected answer is an error.
 
     Raises:
         RowError: the message starts with the offending column's name.
@@ -183,8 +184,6 @@ def to_learner_row(
     responses = _string_list(raw.get("responses"), "responses")
     if responses and len(responses) < 2:
         raise RowError("responses: a ranking needs at least 2 responses")
-    if ranked and not responses:
-        raise RowError("responses: MDPO needs K >= 2 ranked responses")
     chosen = text_of(raw.get("chosen"), "chosen", role="assistant").strip()
     rejected = text_of(raw.get("rejected"), "rejected", role="assistant").strip()
     if responses:  # a ranking defines its own extremes when the pair columns are empty
@@ -205,6 +204,10 @@ def to_learner_row(
     extra = _string_list(raw.get("rejected_extra"), "rejected_extra")
     if len(extra) > 1:
         raise RowError(f"rejected_extra: {len(extra)} responses; the two-rejected loss takes one")
+    if ranked and extra:
+        raise RowError("rejected_extra: MDPO ranks one list; two rejected need dpo/ipo/slic")
+    if ranked and not responses:
+        responses = [chosen, rejected]
     return {
         "id": row_id(raw),
         "image": _image_bytes(raw, load_image),

@@ -56,6 +56,11 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("bdhs.variant: mode 'online-bdhs' needs 'bdhs' or 'bdhs-noise'")
     if mode == "online-bdhs":
         check_bdhs_engine(cfg)
+    if mode == "online-bdhs" and cfg.learner.loss == "mdpo":
+        raise ConfigError(
+            "learner.loss: mode 'online-bdhs' trains the two-rejected loss and needs a pair "
+            "loss (dpo, ipo, slic), got 'mdpo'"
+        )
     if mode != "online-bdhs" and cfg.sampler.samples_per_prompt < 2:
         raise ConfigError("sampler.samples_per_prompt: the judge needs at least 2 samples")
 
@@ -106,9 +111,16 @@ def load_offline(cfg: Config) -> list[dict[str, Any]]:
         return []
     from mmalign.preference_rows import convert_rows
 
+    ranked = cfg.learner.loss == "mdpo"
     rows = convert_rows(
-        mio.read_parquet(cfg.data.offline_pairs).to_pylist(), load_image=mio.load_image_bytes
+        mio.read_parquet(cfg.data.offline_pairs).to_pylist(),
+        load_image=mio.load_image_bytes,
+        ranked=ranked,
     )
+    for r in rows:  # MDPO batches offline rows with online pairs: one K, 2
+        if ranked and not r["error"] and len(r["responses"]) != 2:
+            k = len(r["responses"])
+            r["error"] = f"responses: mixed MDPO batches rows with online pairs (K = 2); K = {k}"
     bad = [{"id": r["id"], "reason": r["error"]} for r in rows if r["error"]]
     if bad:
         mio.write_jsonl(bad, storage.join(cfg.storage.output_dir, "quarantine_offline.jsonl"))

@@ -33,8 +33,8 @@ from mmalign.evaluation import HEADLINE_COLUMNS  # noqa: E402
 
 SHIPPED = str(Path(__file__).resolve().parents[1] / "assets/models/shapes-llava-small")
 # Per-loss (beta, learning rate): betas from the paper's grids (ALGORITHMS.md section 1),
-# both picked on a small grid against 200 eval images (docs/QUALITY.md). MDPO here ranks
-# K = 2 responses (chosen, rejected): DPO plus its -r(y+) anchor.
+# both picked by hand on 200-500 eval images (the DPO grid is in docs/QUALITY.md). MDPO
+# here ranks K = 2 responses (chosen, rejected): DPO plus its -r(y+) anchor.
 BETAS = {"dpo": 0.5, "ipo": 0.9, "slic": 0.1, "mdpo": 0.1}
 LRS = {"dpo": 3e-4, "ipo": 1e-3, "slic": 3e-4, "mdpo": 1e-3}
 
@@ -88,14 +88,15 @@ def train_policy(
     *,
     loss: str,
     steps: int,
-    lr: float = 3e-4,
+    lr: float | None = None,
     beta: float | None = None,
     batch_size: int = 8,
     seed: int = 0,
     projector_lr: float = 0.0,
 ) -> tuple[Any, Any, list[dict[str, float]]]:
     """(merged model, processor, per-step metrics) after `steps` optimizer steps of LoRA
-    preference training on `rows` (reshuffled every epoch with `seed`, `shuffled_batches`)."""
+    preference training on `rows` (reshuffled every epoch with `seed`, `shuffled_batches`);
+    lr None: the loss's own rate (LRS)."""
     import torch
 
     from mmalign.config import LearnerConfig
@@ -106,7 +107,7 @@ def train_policy(
     cfg = LearnerConfig(
         loss=loss,
         beta=BETAS[loss] if beta is None else beta,
-        lr=lr,
+        lr=LRS[loss] if lr is None else lr,
         projector_lr=projector_lr,
         lora_r=8,
         lora_alpha=16,
@@ -117,8 +118,6 @@ def train_policy(
         seed=seed,
     )
     torch.manual_seed(seed)
-    if loss == "mdpo":  # a ranking of K = 2, best first
-        rows = [dict(r, responses=[r["chosen"], r["rejected"]]) for r in rows]
     base, processor = load_model(model)
     learner = PreferenceLearner(base, processor, LearnerSettings.from_config(cfg))
     batches = shuffled_batches(len(rows), batch_size, random.Random(seed))  # as in SFT
@@ -196,7 +195,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--losses", default="dpo,ipo,slic,mdpo", help="comma-separated: dpo, ipo, slic, mdpo"
     )
     ap.add_argument("--pairs", type=int, default=1024, help="BDHS pairs to generate")
-    ap.add_argument("--steps", type=int, default=128, help="optimizer steps per loss (8 pairs each)")
+    ap.add_argument(
+        "--steps", type=int, default=128, help="optimizer steps per loss (8 pairs each)"
+    )
     ap.add_argument(
         "--lr", type=float, default=None, help=f"LoRA learning rate for every loss (default: {LRS})"
     )
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", default="", help="write the JSON report here")
     args = ap.parse_args(argv)
+    if not 1 <= args.eval_images <= 500:
+        ap.error(f"--eval-images: the eval split has 500 images, got {args.eval_images}")
     losses = [x for x in args.losses.split(",") if x]
     for loss in losses:
         if loss not in BETAS:

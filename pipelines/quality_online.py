@@ -40,6 +40,7 @@ def run_modes(
     """{"base": metrics, <mode>: metrics + pairs trained on, ...}; `base` = config overrides."""
     from pipelines.bdhs import run_bdhs
     from pipelines.evaluate import run_evaluation
+    from pipelines.online_dpo import check_config
     from pipelines.online_dpo import run as run_online
 
     root = base["storage.output_dir"]
@@ -51,17 +52,9 @@ def run_modes(
         preset = base.get("config") or str(EMBEDDED_PRESET)
         return load(preset, {k: v for k, v in over.items() if k != "config"})
 
-    report: dict[str, Any] = {"steps": steps, "eval_rows": eval_rows, "seconds": {}}
-    t0 = time.perf_counter()
-    offline = ""
-    if any(m != "online" for m in modes):
-        run_bdhs(cfg_for("pairs", **{"data.max_rows": pairs}))
-        offline = storage.join(root, "pairs", "bdhs")
-    report["seconds"]["bdhs"] = time.perf_counter() - t0
-    base_cfg = cfg_for("base")
-    report["base"] = report_metrics(run_evaluation(base_cfg, max_rows=eval_rows))
-    for mode in modes:
-        t1 = time.perf_counter()
+    offline = storage.join(root, "pairs", "bdhs") if any(m != "online" for m in modes) else ""
+
+    def mode_cfg(mode: str) -> Config:
         extra: dict[str, Any] = {
             "pipeline.mode": mode,
             "learner.steps": steps,
@@ -70,7 +63,20 @@ def run_modes(
         }
         if offline:
             extra["data.offline_pairs"] = offline
-        cfg = cfg_for(mode, **extra)
+        return cfg_for(mode, **extra)
+
+    for mode in modes:  # a bad setting for any mode fails here, before any run
+        check_config(mode_cfg(mode))
+    report: dict[str, Any] = {"steps": steps, "eval_rows": eval_rows, "seconds": {}}
+    t0 = time.perf_counter()
+    if offline:
+        run_bdhs(cfg_for("pairs", **{"data.max_rows": pairs}))
+    report["seconds"]["bdhs"] = time.perf_counter() - t0
+    base_cfg = cfg_for("base")
+    report["base"] = report_metrics(run_evaluation(base_cfg, max_rows=eval_rows))
+    for mode in modes:
+        t1 = time.perf_counter()
+        cfg = mode_cfg(mode)
         summary = run_online(cfg)
         done = json.loads(
             storage.read_bytes(storage.join(cfg.storage.output_dir, "eval", "report.json"))

@@ -59,15 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--caption-noise",
         type=float,
         default=0.0,
-        help="WorldConfig.caption_noise: P that an sft answer also claims the absent bias "
-        "partner of a present trigger (annotation noise -> a language-prior hallucination)",
+        help="WorldConfig.caption_noise: per present bias trigger whose partner is absent, P "
+        "that the sft answers claim the partner anyway (noisy captions -> a language prior)",
     )
     p.add_argument(
         "--sft-hard-negatives",
         type=float,
         default=0.0,
-        help="P that an sft existence question about an absent object names a sibling class "
-        "(same colour or shape as a present one; WorldConfig.hard_negatives)",
+        help="P that an sft existence question about an absent object is drawn from the sibling "
+        "classes (same colour or shape as a present one; WorldConfig.hard_negatives)",
     )
     p.add_argument("--n-eval", type=int, default=300, help="eval images (0: skip eval)")
     p.add_argument(
@@ -112,16 +112,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def world_config(args: argparse.Namespace) -> WorldConfig:
+    """The ShapesWorld these flags describe (other fields: WorldConfig defaults)."""
+    return WorldConfig(
+        seed=args.world_seed,
+        bias_strength=args.bias_strength,
+        caption_noise=args.caption_noise,
+        hard_negatives=(
+            ("sft", args.sft_hard_negatives),
+            *((s, p) for s, p in WorldConfig.hard_negatives if s != "sft"),
+        ),
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    world = WorldConfig(
-        seed=args.world_seed,
-        bias_strength=args.bias_strength,
-        caption_noise=args.caption_noise,
-        hard_negatives=(("sft", args.sft_hard_negatives), ("pref", 0.5)),
-    )
+    world = world_config(args)
     sft_world = world
     if args.task_weights:
         pairs = [item.split("=") for item in args.task_weights.split(",")]

@@ -58,7 +58,6 @@ def test_dotted_overrides_and_types() -> None:
         ({"sampler.batch_size": "2.5"}, "sampler.batch_size"),
         ({"learner.betta": "0.1"}, "learner.betta"),
         ({"judge.both_orders": "maybe"}, "judge.both_orders"),
-        ({"pipeline.mode": "online-bdhs", "learner.loss": "mdpo"}, "learner.loss"),
     ],
 )
 def test_bad_values_name_the_field(overrides: dict, field: str) -> None:

@@ -40,6 +40,9 @@ def test_bdhs_runs_refuse_vllm_with_mask_semantics_on_cpu() -> None:
     with pytest.raises(C.ConfigError, match=r"^bdhs\.mask_mode"):
         check_config(C.load(None, online_bdhs))
     check_config(cfg)  # plain online sampling never masks: vLLM with any mask_mode is fine
+    mdpo = {"pipeline.mode": "online-bdhs", "data.offline_pairs": "p.parquet"}
+    with pytest.raises(C.ConfigError, match=r"^learner\.loss: mode 'online-bdhs'"):
+        check_config(C.load(None, {**mdpo, "learner.loss": "mdpo"}))
     C.check_bdhs_engine(C.load(None, {"sampler.engine": "vllm", "bdhs.variant": "povid"}))
     C.check_bdhs_engine(C.load(None, {"sampler.engine": "vllm", "bdhs.mask_mode": "drop"}))
     preset = C.load(str(C.EMBEDDED_PRESET.parent / "llava-1.6-7b.yaml"))

@@ -89,8 +89,10 @@ def test_ranked_rows_for_mdpo_on_cpu() -> None:
     raw = _ours(responses=["best", "good", "bad", "worst"])
     row = to_learner_row(raw, ranked=True)
     assert row["responses"] == ["best", "good", "bad", "worst"]
-    with pytest.raises(RowError, match="^responses: MDPO needs"):
-        to_learner_row(_ours(), ranked=True)
+    assert to_learner_row(_ours(), ranked=True)["responses"] == ["Yes.", "No."]  # K = 2
+    assert to_learner_row(_ours())["responses"] == []  # pair losses leave it empty
+    with pytest.raises(RowError, match="^rejected_extra: MDPO ranks one list"):
+        to_learner_row(_ours(rejected_extra=["Maybe."]), ranked=True)
 
 
 def test_image_paths_use_the_loader_on_cpu() -> None:
@@ -141,3 +143,28 @@ def test_convert_keeps_one_row_per_input_on_cpu() -> None:
     table = convert_table(pa.Table.from_pylist([good, bad]))
     assert table.schema == CONVERTED_SCHEMA and table.num_rows == 2
     assert table.column("error").to_pylist() == ["", "chosen: empty response"]
+
+
+def test_mixed_mdpo_offline_rows_rank_as_pairs_on_cpu(tmp_path) -> None:
+    """Mixed-DPO with MDPO batches offline rows with online pairs: plain pairs become the
+    K = 2 ranking, other K and two-rejected rows are quarantined with their reason."""
+    import json
+
+    from mmalign import config as C
+    from mmalign import io as mio
+    from pipelines.online_dpo import load_offline
+
+    rows = [
+        _ours(id="pair"),
+        _ours(id="k3", responses=["Yes.", "Yes, one.", "No."]),
+        _ours(id="extra", rejected_extra=["Maybe."]),
+    ]
+    mio.write_preferences(rows, str(tmp_path / "pairs.parquet"))
+    over = {"data.offline_pairs": str(tmp_path / "pairs.parquet"), "learner.loss": "mdpo"}
+    cfg = C.load(None, {**over, "storage.output_dir": str(tmp_path / "run")})
+    good = load_offline(cfg)
+    assert [(r["id"], r["responses"]) for r in good] == [("pair", ["Yes.", "No."])]
+    lines = (tmp_path / "run" / "quarantine_offline.jsonl").read_text().splitlines()
+    reasons = {json.loads(x)["id"]: json.loads(x)["reason"] for x in lines}
+    assert reasons["k3"].startswith("responses: mixed MDPO") and "K = 3" in reasons["k3"]
+    assert reasons["extra"].startswith("rejected_extra: MDPO ranks one list")

@@ -17,7 +17,7 @@ METRIC_KEYS = {"chair/chair_i", "chair/recall", "pope/mean_f1", "pope/random/yes
 
 @pytest.mark.slow
 def test_quality_offline_trains_and_scores_each_loss_on_cpu(tmp_path: Path) -> None:
-    from pipelines.quality_offline import main
+    from pipelines.quality_offline import LRS, main
 
     out = tmp_path / "report.json"
     argv = ["--pairs", "8", "--steps", "2", "--eval-images", "4", "--losses", "dpo,slic"]
@@ -32,6 +32,7 @@ def test_quality_offline_trains_and_scores_each_loss_on_cpu(tmp_path: Path) -> N
     assert 0.0 <= report["dpo"]["train/final_reward_accuracy"] <= 1.0
     assert 0.0 <= report["data"]["unguided_fraction"] <= 1.0
     assert set(report["seconds"]) == {"bdhs", "dpo", "slic"}
+    assert report["lr"] == {"dpo": LRS["dpo"], "slic": LRS["slic"]}  # each loss its own rate
 
 
 @pytest.mark.slow
@@ -124,3 +125,15 @@ def test_online_and_mixed_cut_hallucination_on_cpu(tmp_path: Path) -> None:
         assert m["pairs_trained"] > 100, (mode, m)
         assert m["chair/chair_i"] <= b["chair/chair_i"] - 0.01, (mode, b, m)
         assert m["pope/mean_f1"] >= b["pope/mean_f1"] - 0.005, (mode, b, m)
+
+
+def test_quality_online_checks_every_mode_before_running_on_cpu(tmp_path: Path) -> None:
+    """MDPO cannot train online-BDHS's two-rejected rows: refused before BDHS or any mode runs
+    (no Ray needed, nothing written)."""
+    from mmalign.config import ConfigError
+    from pipelines.quality_online import run_modes
+
+    base = {"config": "", "storage.output_dir": str(tmp_path / "runs"), "learner.loss": "mdpo"}
+    with pytest.raises(ConfigError, match=r"^learner\.loss: mode 'online-bdhs'"):
+        run_modes(base, ["online", "online-bdhs"], steps=1, pairs=2, eval_rows=1)
+    assert not (tmp_path / "runs").exists()

@@ -122,6 +122,8 @@ def test_bias_ratio_as_configured_and_eval_unbiased_on_cpu() -> None:
         ({"caption_noise": -0.1}, "caption_noise"),
         ({"hard_negatives": (("train", 0.5),)}, "hard_negatives"),
         ({"hard_negatives": (("pref", 2.0),)}, "hard_negatives"),
+        ({"hard_negatives": ("pref", 0.5)}, "hard_negatives"),
+        ({"hard_negatives": (("pref", 0.5), ("pref", 0.1))}, "hard_negatives"),
         ({"max_objects": 0}, "max_objects"),
         ({"task_weights": (("dance", 1.0),)}, "task_weights"),
         ({"split_sizes": (("train", 5),)}, "split_sizes"),
@@ -167,12 +169,45 @@ def test_caption_noise_claims_absent_partners_in_sft_only_on_cpu() -> None:
     assert eligible > 50 and claimed == eligible
     for split in ("pref", "eval"):  # faithful answers outside "sft"
         assert generate_split(noisy, split, 100) == generate_split(clean, split, 100)
-    # caption_noise 0 draws nothing extra: the default world's records are unchanged
-    assert generate_split(clean, "sft", 100) == generate_split(
-        WorldConfig(seed=2, bias_strength=0.5, task_weights=(("describe", 1.0),), caption_noise=0.0),
-        "sft",
-        100,
-    )
+
+
+def test_no_caption_noise_draws_nothing_extra_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At caption_noise 0 the noise code is never entered, so no RNG draw shifts a record."""
+    import mmalign.shapes.world as W
+
+    def boom(*_: object) -> None:
+        raise AssertionError("claimed_objects called at caption_noise 0")
+
+    monkeypatch.setattr(W, "claimed_objects", boom)
+    assert len(generate_split(WorldConfig(seed=2, bias_strength=0.5), "sft", 200)) == 200
+
+
+def test_caption_noise_reaches_existence_answers_not_other_tasks_on_cpu() -> None:
+    cfg = WorldConfig(seed=5, bias_strength=0.0, caption_noise=1.0)
+    partners = dict(cfg.bias_pairs)
+    noisy_yes = 0
+    for r in generate_split(cfg, "sft", 1500):
+        truth = {o["name"] for o in r["objects"]}
+        question, answer = (c["value"] for c in r["conversations"])
+        if r["task"] == "existence" and answer == T.YES:
+            colour, word = re.findall(r"Is there a (\w+) (\w+) in", question)[0]
+            name = f"{colour} {CANONICAL[word]}"
+            if name not in truth:  # only ever the absent partner of a present trigger
+                assert any(partners.get(t) == name for t in truth), (truth, question)
+                noisy_yes += 1
+        if r["task"] == "count":  # the true number, not the claimed one
+            n = int(re.findall(r"\d+", answer)[0])
+            assert n == len(r["objects"]), (answer, truth)
+    assert noisy_yes > 5
+
+
+def test_train_tiny_flags_reach_the_world_on_cpu() -> None:
+    from pipelines.train_tiny import parse_args, world_config
+
+    args = parse_args(["--out", "x", "--caption-noise", "0.7", "--sft-hard-negatives", "0.3"])
+    world = world_config(args)
+    assert world.caption_noise == 0.7
+    assert dict(world.hard_negatives) == {"sft": 0.3, "pref": 0.5}
 
 
 def _negative_siblings(records: list[dict]) -> tuple[int, int]:
@@ -184,9 +219,7 @@ def _negative_siblings(records: list[dict]) -> tuple[int, int]:
         names = {o["name"] for o in r["objects"]}
         assert f"{colour} {CANONICAL[word]}" not in names  # still a true "No"
         negatives += 1
-        siblings += any(
-            n.split()[0] == colour or n.split()[1] == CANONICAL[word] for n in names
-        )
+        siblings += any(n.split()[0] == colour or n.split()[1] == CANONICAL[word] for n in names)
     return siblings, negatives
 
 
@@ -194,7 +227,7 @@ def test_hard_negatives_probe_siblings_in_the_listed_split_on_cpu() -> None:
     cfg = WorldConfig(seed=0, task_weights=(("existence", 1.0),), hard_negatives=(("pref", 1.0),))
     s, n = _negative_siblings(generate_split(cfg, "pref", 400))
     assert n > 150 and s == n
-    # unlisted splits draw any absent class: siblings only by chance (~half here)
+    # unlisted splits draw any absent class: siblings only by chance (~2/3 here)
     s, n = _negative_siblings(generate_split(cfg, "sft", 400))
     assert n > 150 and s < 0.8 * n
     assert dict(WorldConfig().hard_negatives) == {"pref": 0.5}

@@ -38,7 +38,8 @@ class LearnerSettings:
     """Settings of the preference learner (moves into mmalign.config later)."""
 
     loss: Literal["dpo", "ipo", "slic", "mdpo"] = "dpo"
-    """Preference loss. "mdpo" needs rows with "responses" (ranked, best first)."""
+    """Preference loss. "mdpo" ranks a row's "responses" (best first), or its [chosen,
+    rejected] pair as K = 2; rows with "rejected_extra" need a pair loss."""
     beta: float = 0.1
     """Loss temperature (DPO/MDPO beta, IPO tau, SLiC hinge scale); > 0."""
     gamma: float = 0.5

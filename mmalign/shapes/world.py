@@ -54,13 +54,16 @@ class WorldConfig:
     bias_strength: float = 0.85
     """P(partner present | trigger present) in the biased splits ("sft", "pref")."""
     caption_noise: float = 0.0
-    """Annotation noise of the "sft" split only: P that a description / existence answer
-    claims the absent bias partner of a present trigger (noisy instruction data teaching a
-    language prior that overrides the image). "pref" and "eval" answers stay faithful."""
+    """Annotation noise of the "sft" split only: for each present trigger whose partner is
+    absent, P that the record's answers claim the partner anyway (descriptions name it right
+    after the trigger; an existence "Yes." may be about it). Noisy instruction data that
+    teaches a language prior overriding the image; "pref" and "eval" stay faithful, and
+    count / colour / position answers always follow the true objects."""
     hard_negatives: tuple[tuple[str, float], ...] = (("pref", 0.5),)
-    """(split, p): P that an existence question about an absent object names a class that
-    shares the colour or the shape of a present object (hallucination-probing prompts, like
-    POPE's adversarial negatives); otherwise, and in unlisted splits, any absent class."""
+    """(split, p): with prob p an existence question about an absent object draws it from
+    the sibling classes (same colour or same shape as a present object), otherwise, and in
+    unlisted splits, from all absent classes (about two thirds of those are siblings too).
+    Hallucination-probing prompts: an answer by colour alone fails on siblings."""
     synonym_prob: float = 0.25
     """Probability that a shape word in a caption/question is a synonym ("disc", "box")."""
     colour_jitter: int = 12
@@ -99,9 +102,12 @@ class WorldConfig:
                 seen.add(name)
         if not 0.0 <= self.bias_strength <= 1.0:
             raise bad("bias_strength", "must be in [0, 1]")
-        for split, p in self.hard_negatives:
-            if split not in SPLITS or not 0.0 <= p <= 1.0:
-                raise bad("hard_negatives", f"need (split in {SPLITS}, p in [0, 1]), got {split!r}, {p}")
+        for item in self.hard_negatives:
+            ok = isinstance(item, tuple) and len(item) == 2 and item[0] in SPLITS
+            if not ok or not 0.0 <= item[1] <= 1.0:
+                raise bad("hard_negatives", f"need (split in {SPLITS}, p in [0, 1]), got {item!r}")
+        if len({split for split, _ in self.hard_negatives}) != len(self.hard_negatives):
+            raise bad("hard_negatives", "a split is listed twice")
         if not 0.0 <= self.caption_noise <= 1.0:
             raise bad("caption_noise", "must be in [0, 1]")
         if not 0.0 <= self.synonym_prob <= 1.0:
