@@ -157,8 +157,9 @@ class JudgeActor:
     def judge_refs(
         self, refs: Sequence[Any], responses: Sequence[Sequence[str]]
     ) -> list[dict[str, Any]]:
-        """Verdicts on each prompt row's first two responses; rows arrive as RowRefs and
-        are resolved here (image and objects come from the object store)."""
+        """Verdicts on each row's two responses (resp[0] vs resp[1]); rows arrive as RowRefs
+        (one per comparison, repeats allowed) and are resolved here (image and objects come
+        from the object store)."""
         from operators.prompt_source import resolve_rows
 
         rows = resolve_rows(refs)

@@ -134,7 +134,11 @@ class SamplerConfig:
     temperature: float = opt(1.0, "Sampling temperature for online samples (0 = greedy).")
     top_p: float = opt(1.0, "Nucleus sampling threshold in (0, 1].")
     max_new_tokens: int = opt(64, "Maximum generated tokens per response.")
-    samples_per_prompt: int = opt(2, "Responses sampled per prompt (the judge ranks pairs).")
+    samples_per_prompt: int = opt(
+        2,
+        "Responses sampled per prompt; the judge compares them in disjoint pairs (1, 2), "
+        "(3, 4), ... and the first pair it keeps trains.",
+    )
     batch_size: int = opt(8, "Rows per Ray Data batch sent to one sampler actor.")
     concurrency: int = opt(1, "Number of sampler actors in the pool.")
     num_cpus: float = opt(0.5, "Logical CPUs per sampler actor (fractional is fine).")

@@ -73,6 +73,33 @@ def online_pair(
     }
 
 
+def candidate_pairs(k: int) -> list[tuple[int, int]]:
+    """The sample pairs the judge compares for one prompt with k samples, in order: the
+    disjoint neighbours (0, 1), (2, 3), ... (an odd last sample is left out)."""
+    return [(i, i + 1) for i in range(0, k - 1, 2)]
+
+
+def first_kept_pair(
+    record: Mapping[str, Any],
+    responses: Sequence[str],
+    verdicts: Sequence[Mapping[str, Any]],
+    *,
+    step: int,
+    version: int,
+) -> dict[str, Any] | None:
+    """The learner row of the first candidate pair (`candidate_pairs` order, one verdict
+    each) that the judge kept, or None: k > 2 samples give a prompt more chances to yield a
+    pair when its first two samples tie, and never more than one pair per prompt and step."""
+    pairs = candidate_pairs(len(responses))
+    if len(verdicts) != len(pairs):
+        raise ValueError(f"{len(verdicts)} verdicts for {len(pairs)} candidate pairs")
+    for (i, j), verdict in zip(pairs, verdicts, strict=True):
+        row = online_pair(record, [responses[i], responses[j]], verdict, step=step, version=version)
+        if row is not None:
+            return row
+    return None
+
+
 def bdhs_row_seed(seed: int, step: int, row_id: str) -> int:
     """Stable 63-bit seed of one BDHS row at one loop step (independent of sharding and
     retries), so a resumed run or a replacement sampler redraws the same masks and cuts."""

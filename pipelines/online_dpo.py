@@ -17,7 +17,8 @@ driver (`load_offline`) and sent to the actors by value.
 
 Each step: `learner.batch_size` prompts are sharded over the sampler actors (k =
 `sampler.samples_per_prompt` answers each, with the policy's current LoRA weights); the
-judge compares the first two answers in both orders and keeps agreeing verdicts; in mode
+judge compares them in disjoint pairs (1, 2), (3, 4), ... in both orders and the first pair
+with agreeing verdicts trains (one pair per prompt and step); in mode
 `mixed` each example is an offline pair (`data.offline_pairs`) with probability
 `pipeline.p_offline`; in mode `online-bdhs` the step's examples are offline pairs whose
 chosen stays, and the samplers regenerate a BDHS rejected answer with the current weights
@@ -153,18 +154,22 @@ def periodic_eval(cfg: Config, learner: Any, step: int) -> dict[str, float]:
 def judged_pairs(
     judge: Any, done: list, step: int, cfg: Config, offline: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Modes online/mixed: the judge ranks each prompt's first two samples (both orders);
-    in mode mixed the slots drawn offline in submit() are filled from the dataset. Rows
-    in `done` are stubs (id + RowRef): pairs carry the RowRef, resolved by the learner."""
+    """Modes online/mixed: the judge compares each prompt's samples in disjoint pairs
+    (`online.candidate_pairs`: (1, 2), (3, 4), ...; both orders) and the first pair it keeps
+    trains; in mode mixed the slots drawn offline in submit() are filled from the dataset.
+    Rows in `done` are stubs (id + RowRef): pairs carry the RowRef, resolved by the learner."""
     import ray
 
     judged = [(r, resp, v) for shard, v, samples in done for r, resp in zip(shard, samples)]
+    cands = [online.candidate_pairs(len(resp)) for _, resp, _ in judged]
     # rows are stubs holding RowRefs: the judge reads image/prompt/objects itself
-    refs = [r["images"][0] for r, _, _ in judged]
-    verdicts = ray.get(judge.judge_refs.remote(refs, [resp for _, resp, _ in judged]))
+    refs = [r["images"][0] for (r, _, _), c in zip(judged, cands) for _ in c]
+    both = [[resp[i], resp[j]] for (_, resp, _), c in zip(judged, cands) for i, j in c]
+    verdicts = ray.get(judge.judge_refs.remote(refs, both))
+    it = iter(verdicts)
     pairs = [
-        online.online_pair(r, resp, vd, step=step, version=v)
-        for (r, resp, v), vd in zip(judged, verdicts)
+        online.first_kept_pair(r, resp, [next(it) for _ in c], step=step, version=v)
+        for (r, resp, v), c in zip(judged, cands)
     ]
     pairs = [p for p in pairs if p is not None]
     if cfg.pipeline.mode == "mixed":

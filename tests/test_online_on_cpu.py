@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mmalign import online
 
 
@@ -34,6 +36,27 @@ def test_online_pair_orders_by_verdict_and_drops_unusable() -> None:
     )
     assert online.online_pair(rec, ["same.", "same."], win_b, step=0, version=0) is None
     assert online.staleness(2, 3) == 1
+
+
+def test_k_samples_give_the_first_kept_disjoint_pair() -> None:
+    assert online.candidate_pairs(2) == [(0, 1)]
+    assert online.candidate_pairs(5) == [(0, 1), (2, 3)]  # the odd last sample sits out
+    assert online.candidate_pairs(1) == []
+    rec = {"id": "x1", "prompt": "Describe.", "images": [{"bytes": b"png", "path": None}]}
+    samples = ["A.", "A.", "B circle.", "C square."]
+    tie = {"kept": False, "winner": None, "reason": "tie"}
+    pair = online.first_kept_pair(
+        rec, samples, [tie, {"kept": True, "winner": "b"}], step=1, version=0
+    )
+    assert pair is not None and (pair["chosen"], pair["rejected"]) == ("C square.", "B circle.")
+    # the first kept pair wins: one pair per prompt and step (the id stays unique)
+    first = online.first_kept_pair(
+        rec, ["x.", "y.", "z.", "w."], [{"kept": True, "winner": "a"}] * 2, step=1, version=0
+    )
+    assert first is not None and (first["chosen"], first["rejected"]) == ("x.", "y.")
+    assert online.first_kept_pair(rec, samples, [tie, tie], step=1, version=0) is None
+    with pytest.raises(ValueError, match="2 candidate pairs"):
+        online.first_kept_pair(rec, samples, [tie], step=1, version=0)
 
 
 def test_bdhs_pair_keeps_dataset_rejected_first_and_drops_failures() -> None:
