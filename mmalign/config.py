@@ -274,6 +274,11 @@ class LearnerConfig:
         0.1, "Loss temperature beta (paper grids: DPO .05-.5, IPO .8-1, SLiC .02-.2)."
     )
     gamma: float = opt(0.5, "Weight of the first rejected response in the two-rejected loss.")
+    rpo_alpha: float = opt(
+        0.0,
+        "Weight of an NLL term on the chosen answer (per token) added to the loss (TRL's "
+        "rpo_alpha); counters likelihood displacement; 0 = off.",
+    )
     lr: float = opt(5e-6, "Learning rate of the LoRA parameters.")
     projector_lr: float = opt(0.0, "Learning rate of the vision projector (0 = frozen).")
     lora_r: int = opt(128, "LoRA rank (paper: 128).")
@@ -303,6 +308,7 @@ class LearnerConfig:
         _one_of(self.loss, ("dpo", "ipo", "slic", "mdpo"), f"{p}.loss")
         _check(self.beta > 0, f"{p}.beta", "must be > 0")
         _check(0.0 <= self.gamma <= 1.0, f"{p}.gamma", "must be in [0, 1]")
+        _check(self.rpo_alpha >= 0.0, f"{p}.rpo_alpha", "must be >= 0")
         _check(self.lr > 0, f"{p}.lr", "must be > 0")
         _check(self.projector_lr >= 0, f"{p}.projector_lr", "must be >= 0")
         _check(self.lora_r >= 1 and self.lora_alpha >= 1, f"{p}.lora_r", "rank/alpha must be >= 1")

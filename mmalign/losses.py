@@ -226,3 +226,14 @@ def pairwise_accuracy(rewards: torch.Tensor) -> torch.Tensor:
     k = rewards.shape[1]
     i_idx, j_idx = torch.triu_indices(k, k, offset=1, device=rewards.device)
     return (rewards[:, i_idx] > rewards[:, j_idx]).to(rewards.dtype).mean(dim=1)
+
+
+def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood of the chosen answer (RPO's anchor, TRL's
+    `rpo_alpha` term): -logp(y+|x) / |y+|.
+
+    chosen_logps: [B] summed log-probs; chosen_tokens: [B] response token counts (> 0).
+    Returns [B]; added as `alpha * chosen_nll` it keeps the preference loss from lowering
+    the chosen answer's likelihood together with the rejected one's.
+    """
+    return -chosen_logps / chosen_tokens.clamp(min=1).to(chosen_logps.dtype)

@@ -35,8 +35,10 @@ SHIPPED = str(Path(__file__).resolve().parents[1] / "assets/models/shapes-llava-
 # Per-loss (beta, learning rate): betas from the paper's grids (ALGORITHMS.md section 1),
 # both picked by hand on 200-500 eval images (the DPO grid is in docs/QUALITY.md). MDPO
 # here ranks K = 2 responses (chosen, rejected): DPO plus its -r(y+) anchor.
-BETAS = {"dpo": 0.5, "ipo": 0.9, "slic": 0.1, "mdpo": 0.1}
-LRS = {"dpo": 3e-4, "ipo": 1e-3, "slic": 3e-4, "mdpo": 1e-3}
+# "dpo+rpo": DPO plus the per-token NLL of the chosen answer (learner.rpo_alpha 1.0).
+BETAS = {"dpo": 0.5, "ipo": 0.9, "slic": 0.1, "mdpo": 0.1, "dpo+rpo": 0.1}
+LRS = {"dpo": 3e-4, "ipo": 1e-3, "slic": 3e-4, "mdpo": 1e-3, "dpo+rpo": 5e-4}
+RPO_ALPHA = {"dpo+rpo": 1.0}
 
 
 def bdhs_learner_rows(
@@ -93,10 +95,11 @@ def train_policy(
     batch_size: int = 8,
     seed: int = 0,
     projector_lr: float = 0.0,
+    rpo_alpha: float = 0.0,
 ) -> tuple[Any, Any, list[dict[str, float]]]:
     """(merged model, processor, per-step metrics) after `steps` optimizer steps of LoRA
     preference training on `rows` (reshuffled every epoch with `seed`, `shuffled_batches`);
-    lr None: the loss's own rate (LRS)."""
+    lr None: the loss's own rate (LRS); loss "dpo+rpo" is DPO with rpo_alpha 1 (RPO_ALPHA)."""
     import torch
 
     from mmalign.config import LearnerConfig
@@ -105,10 +108,11 @@ def train_policy(
     from mmalign.models.sft import shuffled_batches
 
     cfg = LearnerConfig(
-        loss=loss,
+        loss=loss.removesuffix("+rpo"),
         beta=BETAS[loss] if beta is None else beta,
         lr=LRS[loss] if lr is None else lr,
         projector_lr=projector_lr,
+        rpo_alpha=RPO_ALPHA.get(loss, rpo_alpha),
         lora_r=8,
         lora_alpha=16,
         lora_dropout=0.0,
@@ -192,7 +196,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=SHIPPED, help="policy checkpoint (default: shipped tiny)")
     ap.add_argument(
-        "--losses", default="dpo,ipo,slic,mdpo", help="comma-separated: dpo, ipo, slic, mdpo"
+        "--losses",
+        default="dpo,ipo,slic,mdpo,dpo+rpo",
+        help="comma-separated: dpo, ipo, slic, mdpo, dpo+rpo (DPO + chosen NLL, rpo_alpha 1)",
     )
     ap.add_argument("--pairs", type=int, default=1024, help="BDHS pairs to generate")
     ap.add_argument(

@@ -58,6 +58,7 @@ def test_dotted_overrides_and_types() -> None:
         ({"sampler.batch_size": "2.5"}, "sampler.batch_size"),
         ({"learner.betta": "0.1"}, "learner.betta"),
         ({"judge.both_orders": "maybe"}, "judge.both_orders"),
+        ({"learner.rpo_alpha": "-0.5"}, "learner.rpo_alpha"),
     ],
 )
 def test_bad_values_name_the_field(overrides: dict, field: str) -> None:

@@ -259,3 +259,15 @@ def test_adapter_export_and_weight_sync_on_cpu(tmp_path) -> None:
         set_peft_model_state_dict(other, state)
         torch.testing.assert_close(model_response_logps(other, batch), expected)
     assert any("lora_" in n for n, _ in learner.model.named_parameters())  # still unmerged
+
+
+def test_rpo_alpha_adds_the_chosen_per_token_nll_on_cpu() -> None:
+    """loss = DPO + alpha * (-logp(y+) / |y+|); at step 0 DPO is log 2 (policy == ref)."""
+    learner, _ = _learner(rpo_alpha=0.5)
+    tokens = int(_batch(learner, [ROW])["response_mask"][0].sum())  # chosen row first
+    nll = -float(learner.policy_logps([ROW])[0]) / tokens
+    m = learner.step([ROW])
+    assert m["chosen_nll"] == pytest.approx(nll, rel=1e-5)
+    assert m["loss"] == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-5)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        _learner(rpo_alpha=-1.0)

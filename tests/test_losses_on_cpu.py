@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mmalign.losses import (
+    chosen_nll,
     dpo_loss,
     ipo_loss,
     mdpo_loss,
@@ -174,3 +175,10 @@ def test_pairwise_accuracy_on_cpu() -> None:
     acc = pairwise_accuracy(torch.tensor([[3.0, 2.0, 1.0], [1.0, 3.0, 2.0]]))
     assert acc.tolist() == pytest.approx([1.0, 1.0 / 3.0])
     assert math.isclose(pairwise_accuracy(torch.tensor([[0.2, 0.1]])).item(), 1.0)
+
+
+def test_chosen_nll_is_per_token_on_cpu() -> None:
+    logps = torch.tensor([-6.0, -1.5], dtype=torch.float64)
+    tokens = torch.tensor([3, 1])
+    assert chosen_nll(logps, tokens).tolist() == [2.0, 1.5]  # 6 / 3, 1.5 / 1
+    assert chosen_nll(logps[:1], torch.tensor([0])).tolist() == [6.0]  # no division by 0

@@ -24,6 +24,7 @@ from mmalign.logprobs import build_response_batch, model_response_logps, split_g
 from mmalign.losses import (
     LOSS_NAMES,
     PairLossOutput,
+    chosen_nll,
     mdpo_loss,
     pairwise_accuracy,
     preference_loss,
@@ -44,6 +45,8 @@ class LearnerSettings:
     """Loss temperature (DPO/MDPO beta, IPO tau, SLiC hinge scale); > 0."""
     gamma: float = 0.5
     """Weight of the primary rejected response in the two-rejected loss; in [0, 1]."""
+    rpo_alpha: float = 0.0
+    """Weight of the per-token NLL of the chosen answer added to the loss (RPO); >= 0."""
     lora_rank: int = 128
     """LoRA rank on the language model ([ALIGN] App. A: 128)."""
     lora_alpha: int = 256
@@ -90,6 +93,7 @@ class LearnerSettings:
             "loss": self.loss in (*LOSS_NAMES, "mdpo"),
             "beta": self.beta > 0,
             "gamma": 0.0 <= self.gamma <= 1.0,
+            "rpo_alpha": self.rpo_alpha >= 0.0,
             "lora_rank": self.lora_rank > 0,
             "lora_dropout": 0.0 <= self.lora_dropout < 1.0,
             "learning_rate": self.learning_rate >= 0,
@@ -116,6 +120,7 @@ class LearnerSettings:
             loss=cfg.loss,
             beta=cfg.beta,
             gamma=cfg.gamma,
+            rpo_alpha=cfg.rpo_alpha,
             lora_rank=cfg.lora_r,
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
@@ -253,6 +258,12 @@ class PreferenceLearner:
         ref = split_groups(self.reference_logps(batch), groups)
         metrics = self._loss_metrics(policy, ref, kind)
         loss = metrics.pop("_loss")
+        if s.rpo_alpha > 0:  # anchor: per-token NLL of the chosen (first) response
+            tokens = split_groups(batch["response_mask"].sum(dim=1), groups)[:, 0]
+            nll = chosen_nll(policy[:, 0], tokens).mean()
+            loss = loss + s.rpo_alpha * nll
+            metrics["chosen_nll"] = nll.detach()
+            metrics["loss"] = loss.detach()
         (loss / s.grad_accum_steps).backward()
         self.micro_step += 1
         out = {k: float(v) for k, v in metrics.items()}
