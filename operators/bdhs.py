@@ -57,6 +57,18 @@ VARIANTS = ("bdhs", "bdhs-noise", "povid")
 POVID_NOISE_STEPS = 500
 
 
+def as_batch(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Prompt records -> the numpy dict batch Ray Data hands the operator (1-D object
+    columns of INPUT_COLUMNS; np.array on lists of lists would build 2-D arrays instead),
+    for calling the operator in-process."""
+    batch = {}
+    for c in INPUT_COLUMNS:
+        col = np.empty(len(records), dtype=object)
+        col[:] = [r[c] for r in records]
+        batch[c] = col
+    return batch
+
+
 def row_seed(seed: int, row_id: str) -> int:
     """Stable 63-bit seed of one row: independent of batching, order and process."""
     return (seed * 1_000_003 + zlib.crc32(row_id.encode())) % (2**63)

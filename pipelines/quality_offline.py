@@ -55,11 +55,9 @@ def bdhs_learner_rows(
 
     Rows whose BDHS gate failed (or any other per-row error) are dropped and counted;
     `bdhs` goes to BDHSOperator (rho_th, n_bdhs, eps_s, ...)."""
-    import numpy as np
-
     from mmalign import io
     from mmalign.preference_rows import to_learner_row
-    from operators.bdhs import INPUT_COLUMNS, BDHSOperator, to_preference_row
+    from operators.bdhs import BDHSOperator, as_batch, to_preference_row
 
     records, _ = io.read_prompts("shapesworld:pref", max_rows=offset + n_rows)
     records = records[offset:]
@@ -67,12 +65,7 @@ def bdhs_learner_rows(
     rows, errors, unguided = [], 0, 0
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
-        batch = {}
-        for c in INPUT_COLUMNS:
-            col = np.empty(len(chunk), dtype=object)
-            col[:] = [r[c] for r in chunk]
-            batch[c] = col
-        out = op(batch)
+        out = op(as_batch(chunk))
         for i, record in enumerate(chunk):
             row = {k: out[k][i] for k in out}
             if row["error"]:

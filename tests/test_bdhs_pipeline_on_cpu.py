@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -21,9 +20,9 @@ from mmalign import io as mio
 from mmalign.config import load
 from mmalign.schema import PREFERENCE_SCHEMA
 from operators.bdhs import (
-    INPUT_COLUMNS,
     OUTPUT_COLUMNS,
     BDHSOperator,
+    as_batch,
     row_seed,
     to_preference_row,
 )
@@ -44,17 +43,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return str(path)
-
-
-def as_batch(records: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """Prompt records -> the numpy dict batch Ray Data would hand the operator (1-D object
-    columns; np.array on lists of lists would build 2-D arrays instead)."""
-    batch = {}
-    for c in INPUT_COLUMNS:
-        col = np.empty(len(records), dtype=object)
-        col[:] = [r[c] for r in records]
-        batch[c] = col
-    return batch
 
 
 def bad_records(good: dict[str, Any]) -> list[dict[str, Any]]:

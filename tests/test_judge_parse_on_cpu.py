@@ -79,11 +79,6 @@ PER_RESPONSE = [
 ]
 
 
-@pytest.mark.parametrize(("text", "expected"), PER_RESPONSE)
-def test_parse_per_response_layout_on_cpu(text: str, expected: str | None) -> None:
-    assert parse_judge_output(text) == expected
-
-
 def test_explicit_verdict_beats_leading_label_on_cpu() -> None:
     text = "Response 1\nOn a closer look, Response 1 invents a dog.\nFinal answer: Response 2"
     assert parse_judge_output(text) == "2"
@@ -97,7 +92,7 @@ def test_per_response_layout_in_both_orders_on_cpu() -> None:
     assert (verdict.keep, verdict.winner) == (True, "b")
 
 
-@pytest.mark.parametrize(("text", "expected"), CASES)
+@pytest.mark.parametrize(("text", "expected"), CASES + PER_RESPONSE)
 def test_parse_judge_output_on_cpu(text: str, expected: str | None) -> None:
     assert parse_judge_output(text) == expected
 
