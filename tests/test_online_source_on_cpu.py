@@ -121,6 +121,7 @@ def test_online_run_reports_quarantined_prompts_and_goes_on_on_cpu(tmp_path: Pat
             "storage.output_dir": str(out),
             "storage.checkpoint_every": "2",
             "pipeline.eval_rows": "0",
+            "sampler.samples_per_prompt": "4",  # also: k > 2 through the real loop
         },
     )
     init_ray(local_cpus=8)
@@ -128,7 +129,9 @@ def test_online_run_reports_quarantined_prompts_and_goes_on_on_cpu(tmp_path: Pat
         summary = run(cfg)
     finally:
         ray.shutdown()
-    assert summary["steps"] == 2 and summary["totals"]["judged"] == 8
+    # 2 steps x 4 prompts x 4 samples; the judge compares (1, 2) and (3, 4) of each prompt
+    assert summary["steps"] == 2 and summary["totals"]["samples"] == 32
+    assert summary["totals"]["judged"] == 16
     quarantined = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["idx"], q["reason"]) for q in quarantined][0] == (2, "image: missing")
     assert quarantined[1]["reason"].startswith("images: unreadable image")
@@ -139,3 +142,4 @@ def test_online_run_reports_quarantined_prompts_and_goes_on_on_cpu(tmp_path: Pat
         for x in p.read_text().splitlines()
     ]
     assert not {r["id"].split("@")[0] for r in logged} & bad_ids
+    assert len({r["id"] for r in logged}) == len(logged)  # at most one pair per prompt and step
