@@ -13,7 +13,8 @@ in-process so that a quality comparison fits a 2-core CPU box and a test):
    those pairs from the same base weights, same data order, same seed.
 3. POPE (random / popular / adversarial) and CHAIR on the unbiased `eval` split, greedy, for
    the base and for every trained policy (LoRA merged).
-Prints a Markdown table and, with --out, writes the JSON report.
+Prints a Markdown table and, with --out, writes the JSON report. With `--seeds 0,1,2` the
+whole experiment runs once per seed, then a table of each policy's change from the base.
 """
 
 from __future__ import annotations
@@ -36,9 +37,13 @@ SHIPPED = str(Path(__file__).resolve().parents[1] / "assets/models/shapes-llava-
 # both picked by hand on 200-500 eval images (the DPO grid is in docs/QUALITY.md). MDPO
 # here ranks K = 2 responses (chosen, rejected): DPO plus its -r(y+) anchor.
 # "dpo+rpo": DPO plus the per-token NLL of the chosen answer (learner.rpo_alpha 1.0).
-BETAS = {"dpo": 0.5, "ipo": 0.9, "slic": 0.1, "mdpo": 0.1, "dpo+rpo": 0.1}
-LRS = {"dpo": 3e-4, "ipo": 1e-3, "slic": 3e-4, "mdpo": 1e-3, "dpo+rpo": 5e-4}
-RPO_ALPHA = {"dpo+rpo": 1.0}
+# "nll": the control for it, the NLL alone (supervised fine-tuning on the chosen = reference
+# answers): DPO at beta 1e-6 adds a gradient ~beta/2 times its log-ratio gradient, nothing.
+BETAS = {"dpo": 0.5, "ipo": 0.9, "slic": 0.1, "mdpo": 0.1, "dpo+rpo": 0.1, "nll": 1e-6}
+LRS = {"dpo": 3e-4, "ipo": 1e-3, "slic": 3e-4, "mdpo": 1e-3, "dpo+rpo": 1e-3, "nll": 1e-3}
+RPO_ALPHA = {"dpo+rpo": 1.0, "nll": 1.0}
+LOSS = {"dpo+rpo": "dpo", "nll": "dpo"}  # the learner's loss behind a row name
+LABELS = {"dpo+rpo": "DPO + RPO anchor", "nll": "chosen NLL only (control)"}
 
 
 def bdhs_learner_rows(
@@ -92,7 +97,8 @@ def train_policy(
 ) -> tuple[Any, Any, list[dict[str, float]]]:
     """(merged model, processor, per-step metrics) after `steps` optimizer steps of LoRA
     preference training on `rows` (reshuffled every epoch with `seed`, `shuffled_batches`);
-    lr None: the loss's own rate (LRS); loss "dpo+rpo" is DPO with rpo_alpha 1 (RPO_ALPHA)."""
+    lr None: the loss's own rate (LRS); loss "dpo+rpo" is DPO with rpo_alpha 1 (RPO_ALPHA),
+    "nll" the NLL of the chosen answer alone (a control, see BETAS)."""
     import torch
 
     from mmalign.config import LearnerConfig
@@ -101,7 +107,7 @@ def train_policy(
     from mmalign.models.sft import shuffled_batches
 
     cfg = LearnerConfig(
-        loss=loss.removesuffix("+rpo"),
+        loss=LOSS.get(loss, loss),
         beta=BETAS[loss] if beta is None else beta,
         lr=LRS[loss] if lr is None else lr,
         projector_lr=projector_lr,
@@ -181,8 +187,24 @@ def markdown_table(report: dict[str, Any], losses: Sequence[str]) -> str:
     from mmalign.evaluation import markdown_table as table
 
     rows = [("SFT base", report["base"])]
-    rows += [(f"{loss.upper()} on BDHS pairs", report[loss]) for loss in losses]
+    rows += [(f"{LABELS.get(loss, loss.upper())} on BDHS pairs", report[loss]) for loss in losses]
     return table(rows, COLUMNS)
+
+
+def seed_table(reports: Sequence[dict[str, Any]], losses: Sequence[str]) -> str:
+    """Markdown table over several seeds' reports: per policy and headline metric, the mean
+    change from the SFT base in points and the per-seed changes (the base is the same in
+    every seed; the BDHS pairs, LoRA init and data order change)."""
+    head = "| policy | " + " | ".join(f"{h} change" for h, _ in HEADLINE_COLUMNS) + " |"
+    lines = [head, "|---" * (len(HEADLINE_COLUMNS) + 1) + "|"]
+    for loss in losses:
+        cells = []
+        for _, key in HEADLINE_COLUMNS:
+            deltas = [100 * (r[loss][key] - r["base"][key]) for r in reports]
+            each = ", ".join(f"{d:+.1f}" for d in deltas)
+            cells.append(f"{sum(deltas) / len(deltas):+.1f} ({each})")
+        lines.append(f"| {LABELS.get(loss, loss.upper())} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -190,10 +212,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--model", default=SHIPPED, help="policy checkpoint (default: shipped tiny)")
     ap.add_argument(
         "--losses",
-        default="dpo,ipo,slic,mdpo,dpo+rpo",
-        help="comma-separated: dpo, ipo, slic, mdpo, dpo+rpo (DPO + chosen NLL, rpo_alpha 1)",
+        default="dpo,ipo,slic,mdpo,dpo+rpo,nll",
+        help="comma-separated: dpo, ipo, slic, mdpo, dpo+rpo (DPO + chosen NLL, rpo_alpha 1), "
+        "nll (the chosen NLL alone: the control for dpo+rpo)",
     )
-    ap.add_argument("--pairs", type=int, default=1024, help="BDHS pairs to generate")
+    ap.add_argument(
+        "--pairs", type=int, default=2000, help="BDHS pairs to generate (the pref split: 2,000)"
+    )
     ap.add_argument(
         "--steps", type=int, default=128, help="optimizer steps per loss (8 pairs each)"
     )
@@ -201,7 +226,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--lr", type=float, default=None, help=f"LoRA learning rate for every loss (default: {LRS})"
     )
     ap.add_argument("--eval-images", type=int, default=500, help="unbiased eval images (max 500)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--seeds",
+        default="0",
+        help="comma-separated seeds (BDHS sampling, LoRA init, data order); with several, "
+        "one run per seed and a table of the changes from the base",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", default="", help="write the JSON report here")
     args = ap.parse_args(argv)
@@ -211,24 +241,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for loss in losses:
         if loss not in BETAS:
             ap.error(f"--losses: unknown loss {loss!r} (choose from {sorted(BETAS)})")
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x]
+    except ValueError:
+        ap.error(f"--seeds: need comma-separated integers, got {args.seeds!r}")
+    if not seeds:
+        ap.error("--seeds: give at least one seed")
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = compare(
-        args.model,
-        losses,
-        pairs=args.pairs,
-        steps=args.steps,
-        eval_images=args.eval_images,
-        lr=args.lr,
-        seed=args.seed,
-    )
-    print(markdown_table(report, losses))
-    print(json.dumps({"data": report["data"], "seconds": report["seconds"]}))
+    reports = []
+    for seed in seeds:
+        report = compare(
+            args.model,
+            losses,
+            pairs=args.pairs,
+            steps=args.steps,
+            eval_images=args.eval_images,
+            lr=args.lr,
+            seed=seed,
+        )
+        print(f"seed {seed}:\n" + markdown_table(report, losses))
+        print(json.dumps({"data": report["data"], "seconds": report["seconds"]}))
+        reports.append(report)
+    if len(seeds) > 1:
+        print(seed_table(reports, losses))
+    result = reports[0] if len(seeds) == 1 else {"seeds": dict(zip(seeds, reports, strict=True))}
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1))
-    return report
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":
