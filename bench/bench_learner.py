@@ -4,13 +4,21 @@
     python bench/bench_learner.py --size large --batch-size 8 --steps 10
     python bench/bench_learner.py --model llava-hf/llava-v1.6-mistral-7b-hf --device cuda \
         --dtype bfloat16 --lora-r 128 --batch-size 8 --response-words 60 --gradient-checkpointing
+    # MFU at LLaVA-1.5-7B shape (random weights, no download), ours vs plain HF + peft:
+    python bench/bench_learner.py --shape llava-7b --device cuda --dtype bfloat16 --lora-r 128
+    python bench/bench_learner.py --shape llava-7b --device cuda --dtype bfloat16 --lora-r 128 \
+        --impl hf-peft
 
 Each timed step is `PreferenceLearner.step` on `--batch-size` pairs: batch building
 (tokenizer + image processor), the policy forward + backward, the reference forward
 (adapters off) and the optimizer step. Prints one JSON line: tokens/s counts every real
 (non-pad) token of the chosen and rejected sequences, image tokens included; response
 tokens/s only the scored answer tokens; both once per step, although the reference pass
-reads them a second time.
+reads them a second time. `model_tflops_per_step` counts the step's model FLOPs
+(`bench/flops.py`: 3 x the LLM forward + 2 x vision and projector forwards); with a known
+CUDA device (or --peak-tflops) `mfu` divides their rate by the dense bf16 peak.
+`--impl hf-peft` times `bench/hf_peft_dpo.py` (four separate forwards, full log-softmax)
+on the same rows instead of the learner.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.flops import dpo_step_flops, llava_dims, peak_tflops  # noqa: E402
 from mmalign.engines.learner import LearnerSettings, PreferenceLearner, rows_to_responses  # noqa: E402
 from mmalign.logprobs import build_response_batch  # noqa: E402
 
@@ -64,6 +73,10 @@ def make_rows(n: int, words: int, seed: int) -> list[dict]:
 
 
 def load(args: argparse.Namespace) -> tuple[torch.nn.Module, object]:
+    if args.shape:
+        from bench.llava_shapes import build_llava
+
+        return build_llava(args.shape, device=args.device, dtype=args.dtype)
     if args.model:
         from mmalign.models.loading import load_model
 
@@ -78,6 +91,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="", help="model dir / s3 / hub id (default: tiny random)")
     ap.add_argument("--size", default="small", choices=["small", "large"])
+    ap.add_argument(
+        "--shape",
+        default="",
+        choices=["", "llava-7b", "mini"],
+        help="random weights at a real shape (bench/llava_shapes.py) instead of --model/--size",
+    )
+    ap.add_argument(
+        "--impl",
+        default="mmalign",
+        choices=["mmalign", "hf-peft"],
+        help="mmalign's PreferenceLearner or the plain HF + peft loop (bench/hf_peft_dpo.py)",
+    )
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=0.0,
+        help="device peak for MFU (default: the dense bf16 peak of a known CUDA device)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--batch-size", type=int, default=8, help="pairs per step")
@@ -92,28 +123,31 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    if args.impl == "hf-peft" and (args.loss != "dpo" or args.reference != "adapters_off"):
+        ap.error("--impl hf-peft: only --loss dpo with --reference adapters_off")
     model, processor = load(args)
-    settings = LearnerSettings(
-        loss=args.loss,
-        lora_rank=args.lora_r,
-        lora_alpha=2 * args.lora_r,
-        learning_rate=1e-5,
-        lr_schedule="constant",
-        reference=args.reference,
-        gradient_checkpointing=args.gradient_checkpointing,
-    )
-    learner = PreferenceLearner(model, processor, settings)
+    dims = llava_dims(model)
+    if args.impl == "hf-peft":
+        from bench.hf_peft_dpo import HFPeftDPO
+
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        baseline = HFPeftDPO(model, processor, args.lora_r)
+        step, trainable_of = baseline.step, baseline.model
+    else:
+        learner = make_learner(model, processor, args)
+        step, trainable_of = learner.step, learner.model
     rows = make_rows(args.batch_size * (args.warmup + args.steps), args.response_words, seed=0)
     batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    times, tokens, response_tokens = [], 0, 0
+    times, tokens, response_tokens, flops = [], 0, 0, 0.0
     for i, batch in enumerate(batches):
         if i == args.warmup and args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
-        learner.step(batch)
+        step(batch)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -121,17 +155,23 @@ def main(argv: list[str] | None = None) -> dict:
             enc = build_response_batch(
                 processor, [r["image"] for r in batch], [r["prompt"] for r in batch], responses
             )
-            tokens += int(enc["attention_mask"].sum())
+            lengths = enc["attention_mask"].sum(dim=1).tolist()
+            tokens += int(sum(lengths))
             response_tokens += int(enc["response_mask"].sum())
+            flops += dpo_step_flops(dims[0], lengths, *dims[1:])
     total = sum(times)
     peak = (
         torch.cuda.max_memory_allocated() / 2**30
         if args.device.startswith("cuda")
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     )
+    peak_tf = args.peak_tflops or (
+        peak_tflops(torch.cuda.get_device_name()) if args.device.startswith("cuda") else None
+    )
     result = {
         "bench": "learner",
-        "model": args.model or f"tiny-random-{args.size}",
+        "impl": args.impl,
+        "model": args.model or args.shape or f"tiny-random-{args.size}",
         "device": args.device,
         "dtype": args.dtype,
         "loss": args.loss,
@@ -145,11 +185,27 @@ def main(argv: list[str] | None = None) -> dict:
         "pairs_per_s": round(args.batch_size * args.steps / total, 3),
         "step_s_median": round(statistics.median(times), 4),
         "tokens_per_step": tokens // args.steps,
+        "model_tflops_per_step": round(flops / args.steps / 1e12, 4),
+        "achieved_tflops": round(flops / total / 1e12, 4),
+        "mfu": round(flops / total / (peak_tf * 1e12), 4) if peak_tf else None,
         "peak_mem_gib": round(peak, 3),
-        "trainable_params": sum(p.numel() for p in learner.model.parameters() if p.requires_grad),
+        "trainable_params": sum(p.numel() for p in trainable_of.parameters() if p.requires_grad),
     }
     print(json.dumps(result))
     return result
+
+
+def make_learner(model: torch.nn.Module, processor: object, args: argparse.Namespace):
+    settings = LearnerSettings(
+        loss=args.loss,
+        lora_rank=args.lora_r,
+        lora_alpha=2 * args.lora_r,
+        learning_rate=1e-5,
+        lr_schedule="constant",
+        reference=args.reference,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    return PreferenceLearner(model, processor, settings)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,45 @@ def format_answer(answer: str) -> str:
     return f" {answer}{EOS}"
 
 
+def build_processor(image_size: int = DEFAULT_IMAGE_SIZE, patch_size: int = DEFAULT_PATCH_SIZE):
+    """The tiny models' LlavaProcessor (byte-level BPE tokenizer, CLIP image processor at
+    `image_size`, (image_size / patch_size) ** 2 image tokens per image); no network."""
+    from transformers import LlavaProcessor, PreTrainedTokenizerFast
+
+    try:  # transformers >= 5.2x: the PIL backend needs no torchvision
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor  # type: ignore[assignment]
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=build_tokenizer(),
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE},
+        padding_side="left",  # generation batches are left-padded
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1024,
+    )
+    image_processor = ImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by "default"
+    )
+
+
 def build_tiny_llava(
     size: str = "small",
     seed: int = 0,
@@ -95,46 +134,13 @@ def build_tiny_llava(
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
-
-    try:  # transformers >= 5.2x: the PIL backend needs no torchvision
-        from transformers import CLIPImageProcessorPil as ImageProcessor
-    except ImportError:
-        from transformers import CLIPImageProcessor as ImageProcessor  # type: ignore[assignment]
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
     dims = SIZES[size]
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_tokenizer(),
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE},
-        padding_side="left",  # generation batches are left-padded
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=1024,
-    )
-    image_processor = ImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        do_center_crop=True,
-        do_convert_rgb=True,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATE,
-        image_token=IMAGE,
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by "default"
-    )
+    processor = build_processor(image_size, patch_size)
+    tokenizer = processor.tokenizer
 
     num_image_tokens = (image_size // patch_size) ** 2
     vision_config = CLIPVisionConfig(
