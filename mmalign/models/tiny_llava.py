@@ -41,7 +41,9 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinySize:
-    """Widths and depths of one tiny LLaVA size (head_dim is fixed at 64)."""
+    """Widths and depths of a LLaVA (CLIP tower + Llama). The defaults are the tiny models':
+    64-wide heads, the tokenizer's vocabulary, the vision tower's last layer (with 2-3 layers,
+    LLaVA's -2 would waste a third of them), 1,024 positions."""
 
     text_hidden: int
     text_layers: int
@@ -49,6 +51,11 @@ class TinySize:
     vision_hidden: int
     vision_layers: int
     vision_intermediate: int
+    text_heads: int = 0  # 0: text_hidden // 64
+    vision_heads: int = 0  # 0: vision_hidden // 64
+    vocab: int = 0  # 0: the tokenizer's size (a larger vocab leaves rows unused)
+    vision_feature_layer: int = -1
+    max_positions: int = 1024
 
 
 SIZES: dict[str, TinySize] = {
@@ -129,12 +136,7 @@ def build_tiny_llava(
         (LlavaForConditionalGeneration in float32, LlavaProcessor).
     """
     import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+    from transformers import LlavaForConditionalGeneration
 
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -142,45 +144,53 @@ def build_tiny_llava(
     processor = build_processor(image_size, patch_size)
     tokenizer = processor.tokenizer
 
-    num_image_tokens = (image_size // patch_size) ** 2
-    vision_config = CLIPVisionConfig(
-        hidden_size=dims.vision_hidden,
-        intermediate_size=dims.vision_intermediate,
-        num_hidden_layers=dims.vision_layers,
-        num_attention_heads=dims.vision_hidden // 64,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=dims.vision_hidden,
-    )
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=dims.text_hidden,
-        intermediate_size=dims.text_intermediate,
-        num_hidden_layers=dims.text_layers,
-        num_attention_heads=dims.text_hidden // 64,
-        num_key_value_heads=dims.text_hidden // 64,
-        head_dim=64,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_index=int(tokenizer.convert_tokens_to_ids(IMAGE)),  # type: ignore[arg-type]
-        image_seq_length=num_image_tokens,
-        vision_feature_select_strategy="default",
-        # The last layer, not LLaVA's -2: with 2-3 layers, -2 would waste a third of them.
-        vision_feature_layer=-1,
-    )
+    config = llava_config(dims, processor, image_size, patch_size)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(torch.float32).eval()  # type: ignore[arg-type]
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, processor
+
+
+def llava_config(dims: TinySize, processor, image_size: int, patch_size: int):  # noqa: ANN001
+    """The LlavaConfig of `dims` for `processor` (`build_processor(image_size, patch_size)`):
+    its image and special tokens, (image_size / patch_size) ** 2 image tokens."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    tokenizer = processor.tokenizer
+    text_heads = dims.text_heads or dims.text_hidden // 64
+    vision_config = CLIPVisionConfig(
+        hidden_size=dims.vision_hidden,
+        intermediate_size=dims.vision_intermediate,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.vision_heads or dims.vision_hidden // 64,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=dims.vision_hidden,
+    )
+    text_config = LlamaConfig(
+        vocab_size=max(dims.vocab, len(tokenizer)),
+        hidden_size=dims.text_hidden,
+        intermediate_size=dims.text_intermediate,
+        num_hidden_layers=dims.text_layers,
+        num_attention_heads=text_heads,
+        num_key_value_heads=text_heads,
+        head_dim=dims.text_hidden // text_heads,
+        max_position_embeddings=dims.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=int(tokenizer.convert_tokens_to_ids(IMAGE)),
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=dims.vision_feature_layer,
+    )
 
 
 def count_parameters(model) -> int:  # noqa: ANN001 (torch.nn.Module)
