@@ -15,8 +15,10 @@ Each timed step is `PreferenceLearner.step` on `--batch-size` pairs: batch build
 (non-pad) token of the chosen and rejected sequences, image tokens included; response
 tokens/s only the scored answer tokens; both once per step, although the reference pass
 reads them a second time. `model_tflops_per_step` counts the step's model FLOPs
-(`bench/flops.py`: 3 x the LLM forward + 2 x vision and projector forwards); with a known
-CUDA device (or --peak-tflops) `mfu` divides their rate by the dense bf16 peak.
+(`bench/flops.py`: policy forward + backward and reference forward of the LLM and LoRA,
+2 x the vision and projector forward; single-image LLaVA-1.5 layouts only, else null);
+with a known CUDA device (or --peak-tflops) `mfu` divides their rate by the dense bf16
+peak, whatever --dtype is.
 `--impl hf-peft` times `bench/hf_peft_dpo.py` (four separate forwards, full log-softmax)
 on the same rows instead of the learner.
 """
@@ -130,13 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.impl == "hf-peft":
         from bench.hf_peft_dpo import HFPeftDPO
 
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-        baseline = HFPeftDPO(model, processor, args.lora_r)
+        baseline = HFPeftDPO(
+            model, processor, args.lora_r, gradient_checkpointing=args.gradient_checkpointing
+        )
         step, trainable_of = baseline.step, baseline.model
     else:
         learner = make_learner(model, processor, args)
         step, trainable_of = learner.step, learner.model
+    lora_params = sum(p.numel() for n, p in trainable_of.named_parameters() if "lora_" in n)
     rows = make_rows(args.batch_size * (args.warmup + args.steps), args.response_words, seed=0)
     batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             lengths = enc["attention_mask"].sum(dim=1).tolist()
             tokens += int(sum(lengths))
             response_tokens += int(enc["response_mask"].sum())
-            flops += dpo_step_flops(dims[0], lengths, *dims[1:])
+            flops += dpo_step_flops(dims, lengths, lora_params) if dims else float("nan")
     total = sum(times)
     peak = (
         torch.cuda.max_memory_allocated() / 2**30
@@ -185,9 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
         "pairs_per_s": round(args.batch_size * args.steps / total, 3),
         "step_s_median": round(statistics.median(times), 4),
         "tokens_per_step": tokens // args.steps,
-        "model_tflops_per_step": round(flops / args.steps / 1e12, 4),
-        "achieved_tflops": round(flops / total / 1e12, 4),
-        "mfu": round(flops / total / (peak_tf * 1e12), 4) if peak_tf else None,
+        "model_tflops_per_step": round(flops / args.steps / 1e12, 4) if dims else None,
+        "achieved_tflops": round(flops / total / 1e12, 4) if dims else None,
+        "mfu": round(flops / total / (peak_tf * 1e12), 4) if dims and peak_tf else None,
         "peak_mem_gib": round(peak, 3),
         "trainable_params": sum(p.numel() for p in trainable_of.parameters() if p.requires_grad),
     }
@@ -200,6 +203,7 @@ def make_learner(model: torch.nn.Module, processor: object, args: argparse.Names
         loss=args.loss,
         lora_rank=args.lora_r,
         lora_alpha=2 * args.lora_r,
+        lora_dropout=0.0,  # as the hf-peft baseline
         learning_rate=1e-5,
         lr_schedule="constant",
         reference=args.reference,

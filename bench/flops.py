@@ -3,17 +3,19 @@
 Counting follows PaLM's MFU (Chowdhery et al. 2022, appendix B): a forward pass over a
 sequence of T tokens costs 2 * P * T for the matrix multiplies of a transformer with P
 non-embedding parameters (the LM head counts, the embedding lookup does not) plus
-4 * L * d * T^2 for attention scores and values (L layers, width d, causal mask ignored).
+4 * L * d * T^2 for attention scores and values (L layers, width d, causal mask ignored);
+a backward pass costs 2 x the forward (input and weight gradients).
 
 One LoRA DPO step on a pair does, per sequence (chosen, rejected):
-- the policy forward (1 x the LLM forward), the policy backward through the frozen LLM
-  (input gradients only: 1 x; the LoRA weights' own gradients are negligible) and the
-  reference forward (1 x): 3 x the LLM forward;
-- the vision tower + projector forward in the policy pass and in the reference pass, no
+- LLM, policy: forward, then backward through the frozen weights (input gradients only:
+  1 x their forward) and through attention (no weights: 2 x its forward);
+  reference: forward with the adapters off. Total 6 * P * T + 16 * L * d * T^2.
+- LoRA (policy only): forward and full backward, 6 * P_lora * T.
+- vision tower + projector: forward in the policy pass and in the reference pass, no
   backward (both frozen): 2 x their forward.
 MFU = these FLOPs / (step time * the device's dense peak). Recomputation (gradient
-checkpointing) and the other implementations' extra passes are not model FLOPs: the same
-count is used for every implementation of the step, so MFU compares them directly.
+checkpointing) and an implementation's extra passes are not model FLOPs: the same count is
+used for every implementation of the step, so MFU compares them directly.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Dense bf16 peak (no sparsity), TFLOP/s, matched as a substring of the CUDA device name.
+# Dense bf16 peak (no sparsity), TFLOP/s, matched in this order as a substring of the CUDA
+# device name (so the PCIe / NVL H100s come before the SXM one).
 PEAK_BF16_TFLOPS: dict[str, float] = {
     "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
     "H100": 989.0,
     "A100": 312.0,
     "L40S": 362.0,
@@ -41,6 +46,19 @@ class TowerDims:
     width: int
 
 
+@dataclass(frozen=True)
+class LlavaDims:
+    """What the FLOP count needs of a single-image LLaVA (LLaVA-1.5 layout)."""
+
+    text: TowerDims
+    vision: TowerDims
+    vision_tokens: int
+    """Tokens the vision tower sees per image (patches + CLS)."""
+    projector_params: int
+    image_tokens: int
+    """Projector outputs per image (the LLM's image tokens)."""
+
+
 def forward_flops(tower: TowerDims, lengths: Sequence[int]) -> float:
     """PaLM forward FLOPs of `tower` over sequences of the given (unpadded) lengths."""
     return float(
@@ -48,22 +66,17 @@ def forward_flops(tower: TowerDims, lengths: Sequence[int]) -> float:
     )
 
 
-def dpo_step_flops(
-    text: TowerDims,
-    text_lengths: Sequence[int],
-    vision: TowerDims,
-    vision_tokens: int,
-    projector_params: int,
-    image_tokens: int,
-) -> float:
-    """Model FLOPs of one LoRA preference step over the given sequences (each with one
-    image): 3 x the LLM forward + 2 x the vision tower and projector forward (module doc).
-    `vision_tokens`: tokens the vision tower sees per image (patches + CLS);
-    `image_tokens`: projector outputs per image (the LLM's image tokens)."""
-    n = len(text_lengths)
-    vision_fwd = forward_flops(vision, [vision_tokens] * n)
-    vision_fwd += 2.0 * projector_params * image_tokens * n
-    return 3.0 * forward_flops(text, text_lengths) + 2.0 * vision_fwd
+def dpo_step_flops(dims: LlavaDims, text_lengths: Sequence[int], lora_params: int = 0) -> float:
+    """Model FLOPs of one LoRA preference step over the given sequences, each with one image
+    (module doc): LLM 6PT + 16LdT^2, LoRA 6 P_lora T, vision + projector 2 x forward."""
+    text, n = dims.text, len(text_lengths)
+    llm = sum(
+        6 * text.params * t + 16 * text.layers * text.width * t * t + 6 * lora_params * t
+        for t in text_lengths
+    )
+    vision = forward_flops(dims.vision, [dims.vision_tokens] * n)
+    vision += 2.0 * dims.projector_params * dims.image_tokens * n
+    return float(llm) + 2.0 * vision
 
 
 def peak_tflops(device_name: str) -> float | None:
@@ -74,10 +87,12 @@ def peak_tflops(device_name: str) -> float | None:
     return None
 
 
-def llava_dims(model: object) -> tuple[TowerDims, TowerDims, int, int, int]:
-    """(text tower, vision tower, vision tokens per image, projector params, image tokens
-    per image) of a `LlavaForConditionalGeneration`, from its parameters and config: the
-    arguments of `dpo_step_flops` around its `text_lengths`."""
+def llava_dims(model: object) -> LlavaDims | None:
+    """The dims of a `LlavaForConditionalGeneration` (before LoRA is injected), from its
+    parameters and config; None for other classes (LLaVA-NeXT's anyres tiles make the image
+    token count depend on the image, which this count does not model)."""
+    if type(model).__name__ != "LlavaForConditionalGeneration":
+        return None
     cfg = model.config  # type: ignore[attr-defined]
     named = dict(model.named_parameters())  # type: ignore[attr-defined]
 
@@ -87,13 +102,12 @@ def llava_dims(model: object) -> tuple[TowerDims, TowerDims, int, int, int]:
     text_params = total(lambda n: "language_model" in n and "embed_tokens" not in n)
     text_params += total(lambda n: n.startswith("lm_head") or ".lm_head." in n)
     vision_params = total(lambda n: "vision_tower" in n and "position_embedding" not in n)
-    projector = total(lambda n: "multi_modal_projector" in n)
     tc, vc = cfg.text_config, cfg.vision_config
     patches = (vc.image_size // vc.patch_size) ** 2
-    return (
-        TowerDims(text_params, tc.num_hidden_layers, tc.hidden_size),
-        TowerDims(vision_params, vc.num_hidden_layers, vc.hidden_size),
-        patches + 1,
-        projector,
-        patches,
+    return LlavaDims(
+        text=TowerDims(text_params, tc.num_hidden_layers, tc.hidden_size),
+        vision=TowerDims(vision_params, vc.num_hidden_layers, vc.hidden_size),
+        vision_tokens=patches + 1,
+        projector_params=total(lambda n: "multi_modal_projector" in n),
+        image_tokens=patches,
     )

@@ -150,18 +150,19 @@ def compare(
     eval_images: int,
     lr: float | None = None,
     seed: int = 0,
+    base: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """The whole experiment; returns {"base": metrics, <loss>: metrics, "data": stats, ...}.
-    lr None: each loss's own rate (LRS)."""
+    lr None: each loss's own rate (LRS); `base`: the base policy's metrics when already
+    measured (they do not depend on the seed)."""
     from mmalign.models.loading import load_model
 
     t0 = time.perf_counter()
     rows, stats = bdhs_learner_rows(model, pairs, seed=seed)
     lrs = {loss: LRS[loss] if lr is None else lr for loss in losses}
-    report: dict[str, Any] = {"model": model, "data": stats, "steps": steps, "lr": lrs}
-    report["seconds"] = {"bdhs": time.perf_counter() - t0}
-    base, processor = load_model(model)
-    report["base"] = eval_policy(base, processor, eval_images)
+    report: dict[str, Any] = {"model": model, "seed": seed, "data": stats, "steps": steps}
+    report |= {"lr": lrs, "seconds": {"bdhs": time.perf_counter() - t0}}
+    report["base"] = base if base is not None else eval_policy(*load_model(model), eval_images)
     for loss in losses:
         t1 = time.perf_counter()
         merged, processor, history = train_policy(
@@ -170,6 +171,8 @@ def compare(
         report[loss] = eval_policy(merged, processor, eval_images)
         report[loss]["train/final_reward_accuracy"] = history[-1]["reward_accuracy"]
         report[loss]["train/optimizer_steps"] = int(history[-1]["optimizer_step"])
+        if "chosen_nll" in history[-1]:  # losses with the RPO anchor
+            report[loss]["train/final_chosen_nll"] = history[-1]["chosen_nll"]
         report["seconds"][loss] = time.perf_counter() - t1
     return report
 
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             eval_images=args.eval_images,
             lr=args.lr,
             seed=seed,
+            base=reports[0]["base"] if reports else None,
         )
         print(f"seed {seed}:\n" + markdown_table(report, losses))
         print(json.dumps({"data": report["data"], "seconds": report["seconds"]}))

@@ -42,8 +42,8 @@ def test_preference_training_on_bdhs_pairs_cuts_hallucination_on_cpu() -> None:
     POPE 91.5):
     - MDPO (DPO + its -r(y+) anchor): CHAIR_i -3.1, Recall +0.2, POPE F1 +1.2;
     - DPO + RPO anchor (learner.rpo_alpha 1): CHAIR_i -3.8, Recall -1.6, POPE +1.0;
-    - its control, the anchor alone (DPO term ~0 at beta 1e-6): CHAIR_i -2.8, so the
-      preference term's own share is the last CHAIR_i point: a DPO term that does nothing
+    - its control, the anchor alone (DPO term ~0 at beta 1e-6): CHAIR_i -2.7, so the
+      preference term's own share is the last ~1 CHAIR_i point: a DPO term that does nothing
       (or pushes the wrong way) does not reach DPO + RPO's CHAIR_i.
     Plain DPO moves CHAIR_i by -0.6 here and POPE by 0 (see QUALITY.md for why)."""
     import torch
@@ -97,12 +97,33 @@ def test_quality_offline_runs_each_seed_and_tabulates_the_changes_on_cpu(
 
     assert set(report["seeds"]) == {0, 1}
     for seed in (0, 1):
+        assert report["seeds"][seed]["seed"] == seed
         assert report["seeds"][seed]["nll"]["train/optimizer_steps"] == 1
+        assert report["seeds"][seed]["nll"]["train/final_chosen_nll"] > 0  # the anchor ran
     base0, nll1 = report["seeds"][0]["base"], report["seeds"][1]["nll"]
     assert base0 == report["seeds"][1]["base"]  # same base weights and eval images
     delta = 100 * (nll1["chair/chair_i"] - base0["chair/chair_i"])
     row = capsys.readouterr().out.splitlines()[-1]
     assert row.startswith("| chosen NLL only (control) |") and f"{delta:+.1f})" in row
+
+
+def test_seed_table_shows_mean_and_per_seed_changes_in_points() -> None:
+    from pipelines.quality_offline import seed_table
+
+    def metrics(chair: float, pope: float) -> dict[str, float]:
+        return {"chair/chair_i": chair, "chair/chair_s": 0.2, "chair/recall": 0.8,
+                "pope/mean_f1": pope}  # fmt: skip
+
+    base = metrics(0.10, 0.90)
+    reports = [
+        {"base": base, "nll": metrics(0.08, 0.91)},
+        {"base": base, "nll": metrics(0.07, 0.88)},
+    ]
+    row = seed_table(reports, ["nll"]).splitlines()[-1]
+    assert row == (
+        "| chosen NLL only (control) | -2.5 (-2.0, -3.0) | +0.0 (+0.0, +0.0) "
+        "| +0.0 (+0.0, +0.0) | -0.5 (+1.0, -2.0) |"
+    )
 
 
 def test_quality_tables_list_every_policy_on_cpu() -> None:

@@ -51,11 +51,16 @@ class TinySize:
     vision_hidden: int
     vision_layers: int
     vision_intermediate: int
-    text_heads: int = 0  # 0: text_hidden // 64
-    vision_heads: int = 0  # 0: vision_hidden // 64
-    vocab: int = 0  # 0: the tokenizer's size (a larger vocab leaves rows unused)
+    text_heads: int = 0
+    """Attention heads of the LLM (0: text_hidden // 64)."""
+    vision_heads: int = 0
+    """Attention heads of the CLIP tower (0: vision_hidden // 64)."""
+    vocab: int = 0
+    """LLM vocabulary rows (0: the tokenizer's size; rows beyond it are never used)."""
     vision_feature_layer: int = -1
+    """CLIP layer whose features feed the projector (LLaVA: -2)."""
     max_positions: int = 1024
+    """LLM context length."""
 
 
 SIZES: dict[str, TinySize] = {
