@@ -144,10 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
     rows = make_rows(args.batch_size * (args.warmup + args.steps), args.response_words, seed=0)
     batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
 
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     times, tokens, response_tokens, flops = [], 0, 0, 0.0
     for i, batch in enumerate(batches):
-        if i == args.warmup and args.device.startswith("cuda"):
+        if i == args.warmup and cuda:
             torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
@@ -162,16 +163,15 @@ def main(argv: list[str] | None = None) -> dict:
             lengths = enc["attention_mask"].sum(dim=1).tolist()
             tokens += int(sum(lengths))
             response_tokens += int(enc["response_mask"].sum())
-            flops += dpo_step_flops(dims, lengths, lora_params) if dims else float("nan")
+            if dims:
+                flops += dpo_step_flops(dims, lengths, lora_params)
     total = sum(times)
     peak = (
         torch.cuda.max_memory_allocated() / 2**30
-        if args.device.startswith("cuda")
+        if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     )
-    peak_tf = args.peak_tflops or (
-        peak_tflops(torch.cuda.get_device_name()) if args.device.startswith("cuda") else None
-    )
+    peak_tf = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if cuda else None)
     result = {
         "bench": "learner",
         "impl": args.impl,

@@ -12,14 +12,13 @@ FLOPs per step (`bench/flops.py`).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from mmalign.engines.learner import LearnerSettings, lora_config
+from mmalign.engines.learner import LearnerSettings, cuda_bf16_autocast, lora_config
 from mmalign.logprobs import IGNORE_INDEX, build_response_batch
 
 
@@ -50,11 +49,6 @@ class HFPeftDPO:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr)
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def encode(self, rows: Sequence[Mapping[str, Any]], key: str) -> dict[str, torch.Tensor]:
         """One G = 1 batch of `rows`' `key` answers ("chosen" / "rejected") on the device."""
         batch = build_response_batch(
@@ -71,7 +65,7 @@ class HFPeftDPO:
     def logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """[B] summed response log-probs, the textbook way: full log-softmax over [B, T, V]."""
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "response_mask")}
-        with self._autocast():
+        with cuda_bf16_autocast(self.device):
             logits = self.model(**inputs, use_cache=False).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX

@@ -186,11 +186,16 @@ COLUMNS = (
 )
 
 
+def label(loss: str) -> str:
+    """A policy's name in the tables: LABELS, else the loss in capitals."""
+    return LABELS.get(loss, loss.upper())
+
+
 def markdown_table(report: dict[str, Any], losses: Sequence[str]) -> str:
     from mmalign.evaluation import markdown_table as table
 
     rows = [("SFT base", report["base"])]
-    rows += [(f"{LABELS.get(loss, loss.upper())} on BDHS pairs", report[loss]) for loss in losses]
+    rows += [(f"{label(loss)} on BDHS pairs", report[loss]) for loss in losses]
     return table(rows, COLUMNS)
 
 
@@ -206,7 +211,7 @@ def seed_table(reports: Sequence[dict[str, Any]], losses: Sequence[str]) -> str:
             deltas = [100 * (r[loss][key] - r["base"][key]) for r in reports]
             each = ", ".join(f"{d:+.1f}" for d in deltas)
             cells.append(f"{sum(deltas) / len(deltas):+.1f} ({each})")
-        lines.append(f"| {LABELS.get(loss, loss.upper())} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label(loss)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -182,6 +182,13 @@ def rows_to_responses(rows: Sequence[Mapping[str, Any]], loss: str) -> tuple[lis
     ], "two_rejected"
 
 
+def cuda_bf16_autocast(device: torch.device, enabled: bool = True) -> Any:
+    """bf16 autocast on a CUDA device (when enabled), a no-op context elsewhere."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def lora_config(s: LearnerSettings) -> Any:
     """The peft LoraConfig of these settings; samplers wrap their model with the same one so
     `adapter_state()` loads into them with `set_peft_model_state_dict`."""
@@ -363,9 +370,7 @@ class PreferenceLearner:
         }
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda" and self.settings.bf16_autocast:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return cuda_bf16_autocast(self.device, self.settings.bf16_autocast)
 
     def _trainable(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
