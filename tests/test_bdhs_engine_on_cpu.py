@@ -1,6 +1,6 @@
 """BDHSEngine, the one engine behind the BDHS operator and online BDHS, without Ray.
 
-The shipped tiny policy generates; the embedder is a character-count stand-in, so the
+The shipped tiny policy generates; the embedder is bench_vllm's character-count stand-in, so the
 gate's decisions are deterministic. Both hosts' behaviour is tested in
 test_bdhs_pipeline_on_cpu.py and test_online_bdhs_on_cpu.py.
 """
@@ -9,21 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from bench.bench_vllm import char_embed
 from mmalign import config
 from mmalign.engines.bdhs_engine import POVID_NOISE_STEPS, BDHSEngine, BDHSRow, image_noise_steps
 
 POLICY = Path(__file__).resolve().parents[1] / "assets" / "models" / "shapes-llava-small"
-
-
-def char_embed(texts: list[str]) -> np.ndarray:
-    out = np.zeros((len(texts), 32))
-    for i, t in enumerate(texts):
-        for ch in t.lower():
-            out[i, ord(ch) % 32] += 1.0
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ def test_split_adapter_state_of_a_learner_with_projector_on_cpu() -> None:
 
     model, processor = build_tiny_llava("small", seed=0)
     names = set(model.state_dict())
-    settings = C.LearnerConfig(lora_r=4, lora_alpha=8, projector_lr=5e-6)
+    settings = C.LearnerConfig(lora_r=4, lora_alpha=8, projector_lr=1e-6)
     state = PreferenceLearner(model, processor, settings).adapter_state()
     lora, projector = split_adapter_state(state)
     assert len(lora) + len(projector) == len(state) and lora and projector
