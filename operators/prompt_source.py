@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from mmalign import io as mio
 from mmalign import storage
-from mmalign.rows import PromptSource
+from mmalign.rows import ImageStruct, PromptSource
 from mmalign.schema import PROMPT_SCHEMA, RowError
 
 LOCATOR_COLUMNS = ("idx", "kind", "uri", "pos", "raw", "root", "source", "seed")
@@ -96,7 +96,7 @@ def _raw_rows(batch: dict[str, list[Any]]) -> list[dict[str, Any] | Exception]:
     return out
 
 
-def _with_bytes(image: Any) -> dict[str, Any]:
+def _with_bytes(image: Any) -> ImageStruct:
     """{bytes, path} with the encoded bytes loaded and checked to decode (pixels dropped)."""
     from PIL import Image
 
