@@ -23,6 +23,7 @@ from mmalign.config import (
     SamplerConfig,
     parse_resources,
 )
+from mmalign.rows import LearnerRow, OnlinePair, RowRef, resolve_pairs, resolve_rows
 
 
 def _device(num_gpus: float) -> str:
@@ -95,10 +96,9 @@ class SamplerActor:
             out = self.policy.sample(prompts, images, self.cfg.samples_per_prompt, settings, seed)
         return version, out
 
-    def sample_refs(self, refs: Sequence[Any], seed: int) -> tuple[int, list[list[str]]]:
-        """`sample` on prompt rows given as operators.prompt_source.RowRef: the rows are
-        read from the object store here, never through the driver."""
-        from operators.prompt_source import resolve_rows
+    def sample_refs(self, refs: Sequence[RowRef], seed: int) -> tuple[int, list[list[str]]]:
+        """`sample` on prompt rows given as mmalign.rows.RowRef: the rows are read from the
+        object store here, never through the driver."""
 
         rows = resolve_rows(refs)
         return self.sample([r["prompt"] for r in rows], [r["images"][0] for r in rows], seed)
@@ -145,12 +145,11 @@ class JudgeActor:
             return self.engine.judge(rows)
 
     def judge_refs(
-        self, refs: Sequence[Any], responses: Sequence[Sequence[str]]
+        self, refs: Sequence[RowRef], responses: Sequence[Sequence[str]]
     ) -> list[dict[str, Any]]:
         """Verdicts on each row's two responses (resp[0] vs resp[1]); rows arrive as RowRefs
         (one per comparison, repeats allowed) and are resolved here (image and objects come
         from the object store)."""
-        from operators.prompt_source import resolve_rows
 
         rows = resolve_rows(refs)
         return self.judge(
@@ -185,16 +184,12 @@ class LearnerActor:
         self.processor = processor
         self.timer = _timer("learner", run_name)
 
-    def step(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        """Learner metrics + `two_rejected` (1.0 when the batch used the two-rejected loss)."""
-        from mmalign.engines.learner import rows_to_responses
-        from operators.prompt_source import resolve_pairs
-
-        rows = resolve_pairs(rows)  # online pairs carry RowRefs, not image bytes
+    def step(self, rows: Sequence[OnlinePair | LearnerRow]) -> dict[str, float]:
+        """The learner's metrics (`two_rejected` included: 1.0 when the batch used the
+        two-rejected loss)."""
+        resolved = resolve_pairs(rows)  # online pairs carry RowRefs, not image bytes
         with self.timer.work():
-            metrics = self.learner.step(rows)
-        kind = rows_to_responses(rows, self.learner.settings.loss)[1]
-        return {**metrics, "two_rejected": float(kind == "two_rejected")}
+            return self.learner.step(resolved)
 
     def adapter_state(self) -> dict[str, Any]:
         with self.timer.work():

@@ -33,13 +33,15 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench.flops import dpo_step_flops, llava_dims, peak_tflops  # noqa: E402
+from bench.flops import LlavaDims, dpo_step_flops, llava_dims, peak_tflops  # noqa: E402
 from mmalign.config import LearnerConfig  # noqa: E402
 from mmalign.engines.learner import PreferenceLearner, rows_to_responses  # noqa: E402
 from mmalign.logprobs import build_response_batch  # noqa: E402
@@ -91,7 +93,7 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, object]:
     return model.to(device=args.device, dtype=getattr(torch, args.dtype)), processor
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="", help="model dir / s3 / hub id (default: tiny random)")
     ap.add_argument("--size", default="small", choices=["small", "large"])
@@ -125,29 +127,63 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-
     if args.impl == "hf-peft" and (args.loss != "dpo" or args.reference != "adapters-off"):
         ap.error("--impl hf-peft: only --loss dpo with --reference adapters-off")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     model, processor = load(args)
     dims = llava_dims(model)
+    step, trainable_of = make_step(model, processor, args)
+    lora_params = sum(p.numel() for n, p in trainable_of.named_parameters() if "lora_" in n)
+    rows = make_rows(args.batch_size * (args.warmup + args.steps), args.response_words, seed=0)
+    batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+    timed = time_steps(step, batches, processor, args, dims, lora_params)
+    result = report(args, timed, dims is not None, trainable_of)
+    print(json.dumps(result))
+    return result
+
+
+def make_step(
+    model: torch.nn.Module, processor: object, args: argparse.Namespace
+) -> tuple[Callable[[list[dict]], object], torch.nn.Module]:
+    """(one training step on a list of rows, the module holding the trainable weights)."""
     if args.impl == "hf-peft":
         from bench.hf_peft_dpo import HFPeftDPO
 
         baseline = HFPeftDPO(
             model, processor, args.lora_r, gradient_checkpointing=args.gradient_checkpointing
         )
-        step, trainable_of = baseline.step, baseline.model
-    else:
-        learner = make_learner(model, processor, args)
-        step, trainable_of = learner.step, learner.model
-    lora_params = sum(p.numel() for n, p in trainable_of.named_parameters() if "lora_" in n)
-    rows = make_rows(args.batch_size * (args.warmup + args.steps), args.response_words, seed=0)
-    batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
+        return baseline.step, baseline.model
+    learner = make_learner(model, processor, args)
+    return learner.step, learner.model
 
+
+@dataclass
+class Timed:
+    """What the timed steps (after the warmup) measured."""
+
+    times: list[float] = field(default_factory=list)  # seconds per step
+    tokens: int = 0  # real (non-pad) tokens of the chosen and rejected sequences
+    response_tokens: int = 0  # scored answer tokens
+    flops: float = 0.0  # model FLOPs (bench/flops.py), 0 without LLaVA-1.5 dims
+
+
+def time_steps(
+    step: Callable[[list[dict]], object],
+    batches: list[list[dict]],
+    processor: object,
+    args: argparse.Namespace,
+    dims: LlavaDims | None,
+    lora_params: int,
+) -> Timed:
+    """Run every batch through `step`, timing (and counting) those after `args.warmup`."""
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    times, tokens, response_tokens, flops = [], 0, 0, 0.0
+    out = Timed()
     for i, batch in enumerate(batches):
         if i == args.warmup and cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -156,24 +192,32 @@ def main(argv: list[str] | None = None) -> dict:
         step(batch)
         sync()
         if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
+            out.times.append(time.perf_counter() - t0)
             responses, _ = rows_to_responses(batch, args.loss)
             enc = build_response_batch(
                 processor, [r["image"] for r in batch], [r["prompt"] for r in batch], responses
             )
             lengths = enc["attention_mask"].sum(dim=1).tolist()
-            tokens += int(sum(lengths))
-            response_tokens += int(enc["response_mask"].sum())
+            out.tokens += int(sum(lengths))
+            out.response_tokens += int(enc["response_mask"].sum())
             if dims:
-                flops += dpo_step_flops(dims, lengths, lora_params)
-    total = sum(times)
+                out.flops += dpo_step_flops(dims, lengths, lora_params)
+    return out
+
+
+def report(
+    args: argparse.Namespace, timed: Timed, has_dims: bool, trainable_of: torch.nn.Module
+) -> dict:
+    """The JSON line: rates over the timed steps, MFU where the FLOPs and the peak are known."""
+    cuda = args.device.startswith("cuda")
+    total, flops = sum(timed.times), timed.flops
     peak = (
         torch.cuda.max_memory_allocated() / 2**30
         if cuda
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     )
     peak_tf = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if cuda else None)
-    result = {
+    return {
         "bench": "learner",
         "impl": args.impl,
         "model": args.model or args.shape or f"tiny-random-{args.size}",
@@ -185,19 +229,17 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_pairs": args.batch_size,
         "steps": args.steps,
         "threads": args.threads,
-        "tokens_per_s": round(tokens / total, 1),
-        "response_tokens_per_s": round(response_tokens / total, 1),
+        "tokens_per_s": round(timed.tokens / total, 1),
+        "response_tokens_per_s": round(timed.response_tokens / total, 1),
         "pairs_per_s": round(args.batch_size * args.steps / total, 3),
-        "step_s_median": round(statistics.median(times), 4),
-        "tokens_per_step": tokens // args.steps,
-        "model_tflops_per_step": round(flops / args.steps / 1e12, 4) if dims else None,
-        "achieved_tflops": round(flops / total / 1e12, 4) if dims else None,
-        "mfu": round(flops / total / (peak_tf * 1e12), 4) if dims and peak_tf else None,
+        "step_s_median": round(statistics.median(timed.times), 4),
+        "tokens_per_step": timed.tokens // args.steps,
+        "model_tflops_per_step": round(flops / args.steps / 1e12, 4) if has_dims else None,
+        "achieved_tflops": round(flops / total / 1e12, 4) if has_dims else None,
+        "mfu": round(flops / total / (peak_tf * 1e12), 4) if has_dims and peak_tf else None,
         "peak_mem_gib": round(peak, 3),
         "trainable_params": sum(p.numel() for p in trainable_of.parameters() if p.requires_grad),
     }
-    print(json.dumps(result))
-    return result
 
 
 def make_learner(model: torch.nn.Module, processor: object, args: argparse.Namespace):

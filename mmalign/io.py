@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmalign import storage
+from mmalign.rows import PromptRow
 from mmalign.schema import (
     PREFERENCE_SCHEMA,
     PROMPT_SCHEMA,
@@ -75,7 +76,7 @@ def check_columns(columns: Iterable[str], uri: str) -> None:
         raise ValueError(f"{uri}: no prompt column {list(_PROMPT_KEYS)} (columns: {sorted(cols)})")
 
 
-def normalize_row(raw: dict[str, Any], image_root: str = "", source: str = "") -> dict[str, Any]:
+def normalize_row(raw: dict[str, Any], image_root: str = "", source: str = "") -> PromptRow:
     """One input row (any supported layout) -> prompt record. Raises RowError naming the field."""
     if "conversations" in raw:  # LLaVA-instruct
         turns = raw.get("conversations") or []
@@ -120,9 +121,10 @@ def normalize_row(raw: dict[str, Any], image_root: str = "", source: str = "") -
 
 def normalize_rows(
     rows: Iterable[dict[str, Any]], image_root: str = "", source: str = ""
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[PromptRow], list[dict[str, Any]]]:
     """(good prompt records, quarantine entries) — a bad row never stops the others."""
-    good, bad = [], []
+    good: list[PromptRow] = []
+    bad: list[dict[str, Any]] = []
     for i, raw in enumerate(rows):
         try:
             good.append(normalize_row(raw, image_root, source))
@@ -155,7 +157,7 @@ def read_parquet(uri: str) -> pa.Table:
 
 def read_prompts(
     uri: str, image_root: str = "", max_rows: int = 0, world_seed: int = 0
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[list[PromptRow], list[dict[str, Any]]]:
     """Any supported input -> (prompt records, quarantine). Single-process reader."""
     fmt = detect_format(uri)
     if fmt == "shapesworld":

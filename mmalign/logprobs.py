@@ -122,6 +122,37 @@ def build_response_batch(
         pixel_values [G*B, C, H, W] (plus any other per-image processor outputs). Row order is
         group-major: row g*B + b is response g of input row b; `split_groups` undoes it.
     """
+    g = _group_size(images, prompts, responses, padding_side)
+    tok = processor.tokenizer
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+
+    prompt_texts = [format_prompt(processor, p) for p in prompts]
+    prompt_ids, image_feats = _encode_prompts(processor, images, prompt_texts)
+    seqs: list[tuple[list[int], int]] = []  # (token ids, prompt length), group-major
+    for gi in range(g):
+        for bi in range(len(prompts)):
+            ids = _response_ids(tok, prompt_texts[bi], response_prefix + responses[bi][gi])
+            if append_eos and eos is not None:
+                ids = ids + [eos]
+            if max_response_tokens is not None:
+                ids = ids[:max_response_tokens]
+            seqs.append((prompt_ids[bi] + ids, len(prompt_ids[bi])))
+
+    batch = _pad_sequences(seqs, pad, padding_side)
+    for key in image_feats[0] if image_feats else ():
+        per_row = torch.cat([f[key] for f in image_feats], 0)  # [B, ...]
+        batch[key] = per_row.repeat(g, *([1] * (per_row.dim() - 1)))  # group-major like rows
+    return batch
+
+
+def _group_size(
+    images: Sequence[Any],
+    prompts: Sequence[str],
+    responses: Sequence[Sequence[str]],
+    padding_side: str,
+) -> int:
+    """G, the responses per row, after checking the batch's lengths and `padding_side`."""
     b = len(prompts)
     if len(images) != b or len(responses) != b:
         raise ValueError(f"got {len(images)} images, {b} prompts, {len(responses)} responses")
@@ -130,11 +161,14 @@ def build_response_batch(
     g = len(responses[0]) if b else 0
     if any(len(r) != g for r in responses):
         raise ValueError("every row needs the same number of responses")
-    tok = processor.tokenizer
-    eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    return g
 
-    prompt_texts = [format_prompt(processor, p) for p in prompts]
+
+def _encode_prompts(
+    processor: Any, images: Sequence[Any], prompt_texts: Sequence[str]
+) -> tuple[list[list[int]], list[dict[str, torch.Tensor]]]:
+    """(prompt token ids with the image tokens expanded, per-image processor outputs such as
+    pixel_values [1, C, H, W]) of each row."""
     prompt_ids: list[list[int]] = []
     image_feats: list[dict[str, torch.Tensor]] = []
     for image, text in zip(images, prompt_texts, strict=True):
@@ -143,17 +177,14 @@ def build_response_batch(
         image_feats.append(
             {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         )
+    return prompt_ids, image_feats
 
-    seqs: list[tuple[list[int], int]] = []  # (token ids, prompt length), group-major
-    for gi in range(g):
-        for bi in range(b):
-            ids = _response_ids(tok, prompt_texts[bi], response_prefix + responses[bi][gi])
-            if append_eos and eos is not None:
-                ids = ids + [eos]
-            if max_response_tokens is not None:
-                ids = ids[:max_response_tokens]
-            seqs.append((prompt_ids[bi] + ids, len(prompt_ids[bi])))
 
+def _pad_sequences(
+    seqs: Sequence[tuple[list[int], int]], pad: int, padding_side: str
+) -> dict[str, torch.Tensor]:
+    """(token ids, prompt length) per sequence -> input_ids, attention_mask, position_ids,
+    labels (response ids, IGNORE_INDEX elsewhere) and response_mask, all [N, T]."""
     t = max(len(s) for s, _ in seqs)
     n = len(seqs)
     input_ids = torch.full((n, t), pad, dtype=torch.long)
@@ -165,18 +196,13 @@ def build_response_batch(
         input_ids[row, sl] = torch.tensor(ids)
         attention_mask[row, sl] = 1
         labels[row, start + plen : start + len(ids)] = torch.tensor(ids[plen:], dtype=torch.long)
-
-    batch: dict[str, torch.Tensor] = {
+    return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "position_ids": position_ids_from_mask(attention_mask),
         "labels": labels,
         "response_mask": labels != IGNORE_INDEX,
     }
-    for key in image_feats[0] if image_feats else ():
-        per_row = torch.cat([f[key] for f in image_feats], 0)  # [B, ...]
-        batch[key] = per_row.repeat(g, *([1] * (per_row.dim() - 1)))  # group-major like rows
-    return batch
 
 
 def _response_ids(tokenizer: Any, prompt_text: str, response_text: str) -> list[int]:

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from mmalign import seeds
+from mmalign.rows import LearnerRow, OnlinePair, PromptRow, PromptStub
 
 
 def _rng(*key: int) -> random.Random:
@@ -43,16 +44,17 @@ def pair_id(record_id: str, step: int, version: int) -> str:
 
 
 def online_pair(
-    record: Mapping[str, Any],
+    record: PromptRow | PromptStub,
     responses: Sequence[str],
     verdict: Mapping[str, Any],
     *,
     step: int,
     version: int,
-) -> dict[str, Any] | None:
+) -> OnlinePair | None:
     """A learner row from two judged samples, or None when the judge did not keep the pair.
 
-    `record` is a prompt record (mmalign.schema.PROMPT_SCHEMA), `responses` the two policy
+    `record` is a prompt row, or the driver's stub of one (its image a RowRef, its prompt
+    "": the learner resolves both, `mmalign.rows.resolve_pairs`), `responses` the two policy
     samples (a, b), `verdict` a JudgeEngine verdict dict. Identical samples never form a
     pair (their DPO gradient is zero by construction).
     """
@@ -81,13 +83,13 @@ def candidate_pairs(k: int) -> list[tuple[int, int]]:
 
 
 def first_kept_pair(
-    record: Mapping[str, Any],
+    record: PromptRow | PromptStub,
     responses: Sequence[str],
     verdicts: Sequence[Mapping[str, Any]],
     *,
     step: int,
     version: int,
-) -> dict[str, Any] | None:
+) -> OnlinePair | None:
     """The learner row of the first candidate pair (`candidate_pairs` order, one verdict
     each) that the judge kept, or None: k > 2 samples give a prompt more chances to yield a
     pair when its first two samples tie, and never more than one pair per prompt and step."""
@@ -108,8 +110,8 @@ def bdhs_row_seed(seed: int, step: int, row_id: str) -> int:
 
 
 def bdhs_pair(
-    row: Mapping[str, Any], result: Mapping[str, Any], *, step: int, version: int
-) -> dict[str, Any] | None:
+    row: LearnerRow, result: Mapping[str, Any], *, step: int, version: int
+) -> OnlinePair | None:
     """Online-BDHS learner row ([ALIGN] Sec. 3.4 + Eq. 5), or None when BDHS failed.
 
     `row` is an offline learner row (chosen, rejected from the dataset), `result` an

@@ -9,7 +9,8 @@ Accepted inputs, one row at a time:
   `image` (one), including TRL's implicit-prompt layout where `chosen`/`rejected` hold the
   whole conversation and there is no `prompt` column.
 
-Output (LEARNER_COLUMNS, what `PreferenceLearner.step` reads): {"id", "image": encoded image
+Output (LEARNER_COLUMNS, a `mmalign.rows.LearnerRow` with every key set, what
+`PreferenceLearner.step` reads): {"id", "image": encoded image
 bytes, "prompt", "chosen", "rejected", "rejected_extra": [str] (at most one, two-rejected
 loss), "responses": [str] (ranked best first, MDPO; [] otherwise)}. A row that cannot be
 trained on raises `RowError` whose message starts with the offending column, so callers can
@@ -24,10 +25,11 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import pyarrow as pa
 
+from mmalign.rows import LearnerRow
 from mmalign.schema import IMAGE_PLACEHOLDER, RowError
 
 LEARNER_SCHEMA = pa.schema(
@@ -43,8 +45,15 @@ LEARNER_SCHEMA = pa.schema(
 )
 LEARNER_COLUMNS: tuple[str, ...] = tuple(LEARNER_SCHEMA.names)
 # convert_batch adds this column: "" for a good row, else the RowError message.
-ERROR_COLUMN = "error"
+ERROR_COLUMN: Final = "error"
 CONVERTED_SCHEMA = LEARNER_SCHEMA.append(pa.field(ERROR_COLUMN, pa.string()))
+
+
+class ConvertedRow(LearnerRow):
+    """A CONVERTED_SCHEMA row: a learner row (every key set, `image` as bytes) + `error`."""
+
+    error: str
+
 
 ImageLoader = Callable[[dict[str, Any]], bytes]
 
@@ -165,7 +174,7 @@ def row_id(raw: Mapping[str, Any]) -> str:
 
 def to_learner_row(
     raw: Mapping[str, Any], *, load_image: ImageLoader | None = None, ranked: bool = False
-) -> dict[str, Any]:
+) -> LearnerRow:
     """One preference row (ours or TRL) -> one learner row (LEARNER_COLUMNS).
 
     Args:
@@ -224,14 +233,14 @@ def convert_rows(
     *,
     load_image: ImageLoader | None = None,
     ranked: bool = False,
-) -> list[dict[str, Any]]:
+) -> list[ConvertedRow]:
     """One output row per input row (CONVERTED_SCHEMA): a good row has error "", a bad one
     keeps only its id, empty values and the RowError message in `error`."""
-    out = []
+    out: list[ConvertedRow] = []
     for raw in rows:
+        row: ConvertedRow
         try:
-            row = to_learner_row(raw, load_image=load_image, ranked=ranked)
-            row[ERROR_COLUMN] = ""
+            row = {**to_learner_row(raw, load_image=load_image, ranked=ranked), ERROR_COLUMN: ""}
         except RowError as err:
             row = {
                 "id": row_id(raw),

@@ -1,4 +1,7 @@
-"""The two record contracts between stages, written once.
+"""The record contracts between stages as Arrow schemas, written once, and their builders.
+
+Their row types (`PromptRow`, `PreferenceRow`, `LearnerRow`) and what an image value holds
+at each stage are in `mmalign.rows`.
 
 1. **Prompt record** — what samplers consume: one image-grounded prompt with an optional
    reference answer (the SFT ground truth BDHS is guided by) and object annotations.
@@ -19,10 +22,12 @@ needs pixels.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
+
+from mmalign.rows import ContentPart, ImageStruct, Message, PreferenceRow, PromptRow
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 IMAGES = pa.list_(IMAGE)
@@ -76,7 +81,7 @@ class RowError(ValueError):
     """A row violates a contract; the message names the column (used for quarantine)."""
 
 
-def image_ref(image: bytes | str | dict[str, Any]) -> dict[str, Any]:
+def image_ref(image: bytes | str | dict[str, Any]) -> ImageStruct:
     """bytes -> {bytes, path=None}; 'path/or/s3://uri' -> {bytes=None, path}."""
     if isinstance(image, dict):
         return {"bytes": image.get("bytes"), "path": image.get("path")}
@@ -87,18 +92,18 @@ def image_ref(image: bytes | str | dict[str, Any]) -> dict[str, Any]:
     raise RowError(f"images: expected bytes or a path, got {type(image).__name__}")
 
 
-def user_message(text: str, n_images: int = 1) -> list[dict[str, Any]]:
+def user_message(text: str, n_images: int = 1) -> list[Message]:
     """TRL conversational prompt: image placeholders first, then the text."""
-    content = [{"type": "image", "text": None} for _ in range(n_images)]
+    content: list[ContentPart] = [{"type": "image", "text": None} for _ in range(n_images)]
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
 
 
-def assistant_message(text: str) -> list[dict[str, Any]]:
+def assistant_message(text: str) -> list[Message]:
     return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
 
 
-def message_text(messages: Sequence[dict[str, Any]]) -> str:
+def message_text(messages: Sequence[Mapping[str, Any]]) -> str:
     """Concatenated text parts of a message list (image placeholders dropped)."""
     parts = []
     for msg in messages or ():
@@ -135,9 +140,9 @@ def preference_row(
     responses: Sequence[str] = (),
     rejected_images: Sequence[bytes | str | dict[str, Any]] | None = None,
     meta: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> PreferenceRow:
     """Build one validated preference row from plain strings."""
-    row = {
+    row: PreferenceRow = {
         "id": str(id),
         "prompt": user_message(prompt, n_images=len(images)),
         "chosen": assistant_message(chosen),
@@ -156,7 +161,7 @@ def preference_row(
     return row
 
 
-def validate_preference_row(row: dict[str, Any]) -> None:
+def validate_preference_row(row: Mapping[str, Any]) -> None:
     """Raise RowError naming the first bad column."""
     for col in ("id", "source", "method"):
         if not isinstance(row.get(col), str) or not row[col]:
@@ -186,10 +191,10 @@ def prompt_record(
     rejected: str = "",
     objects: Sequence[str] = (),
     source: str = "",
-) -> dict[str, Any]:
+) -> PromptRow:
     """Build one validated prompt record (PROMPT_SCHEMA)."""
     text = prompt.replace(IMAGE_PLACEHOLDER, "").strip()
-    rec = {
+    rec: PromptRow = {
         "id": str(id),
         "prompt": text,
         "images": [image_ref(i) for i in images],

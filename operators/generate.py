@@ -1,8 +1,9 @@
 """Ray Data operator: one generated response per input row.
 
-Input columns: `image` (encoded bytes) and `prompt` (plain question text). Output: the
-same row plus `response` (str) and `error` (str, "" when fine). A row whose image cannot
-be decoded gets an error instead of failing its whole batch.
+Input columns: `image` (encoded bytes, or any other `mmalign.rows.ImageValue`) and
+`prompt` (plain question text). Output: the same row plus `response` (str) and `error`
+(str, "" when fine). A row whose image cannot be decoded gets an error instead of failing
+its whole batch.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ holds only references.
 3. `read_prompt_source`: `materialize()`s the blocks, then a tiny task per block returns
    only (idx, id, error) so the driver can build the idx -> (block, offset) table.
 
-Actors resolve `RowRef`s themselves (`resolve_rows`, ray.get inside the actor); a retried
-call resends the same refs, which stay valid while the driver holds the source.
+The driver-side view (`PromptSource`), the `RowRef`s it hands out and the resolving
+functions actors call (`resolve_rows`, `resolve_pairs`) are in `mmalign.rows`.
 """
 
 from __future__ import annotations
@@ -22,48 +22,19 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
 from mmalign import io as mio
 from mmalign import storage
+from mmalign.rows import ImageStruct, PromptSource
 from mmalign.schema import PROMPT_SCHEMA, RowError
 
 LOCATOR_COLUMNS = ("idx", "kind", "uri", "pos", "raw", "root", "source", "seed")
 OUTPUT_SCHEMA = PROMPT_SCHEMA.append(pa.field("idx", pa.int64())).append(
     pa.field("error", pa.string())
 )
-
-
-@dataclass(frozen=True)
-class RowRef:
-    """One prompt row in the object store: (block ref, row offset inside the block)."""
-
-    block: Any  # ray.ObjectRef of a pyarrow block with OUTPUT_SCHEMA
-    offset: int
-
-
-@dataclass
-class PromptSource:
-    """Driver-side view of the materialized prompt set: block refs and an index, no rows.
-
-    `table[i]` = (idx, block position, offset) of the i-th usable row in input order, so
-    `batch_indices(len(source), ...)` draws the same rows as the old in-memory list did.
-    """
-
-    blocks: list[Any]
-    table: list[tuple[int, int, int]]
-    ids: list[str]
-    quarantine: list[dict[str, Any]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def refs(self, positions: Sequence[int]) -> list[RowRef]:
-        return [RowRef(self.blocks[self.table[i][1]], self.table[i][2]) for i in positions]
 
 
 def plan_locators(
@@ -125,7 +96,7 @@ def _raw_rows(batch: dict[str, list[Any]]) -> list[dict[str, Any] | Exception]:
     return out
 
 
-def _with_bytes(image: Any) -> dict[str, Any]:
+def _with_bytes(image: Any) -> ImageStruct:
     """{bytes, path} with the encoded bytes loaded and checked to decode (pixels dropped)."""
     from PIL import Image
 
@@ -222,26 +193,3 @@ def read_prompt_source(
         ids=[rid for *_, rid in good],
         quarantine=bad,
     )
-
-
-def resolve_rows(refs: Sequence[RowRef]) -> list[dict[str, Any]]:
-    """The prompt rows behind `refs`, in order; called inside the actor that needs them
-    (each distinct block is fetched once)."""
-    import ray
-    from ray.data.block import BlockAccessor
-
-    order = list(dict.fromkeys(r.block for r in refs))
-    tables = dict(
-        zip(order, (BlockAccessor.for_block(b).to_arrow() for b in ray.get(order)), strict=True)
-    )
-    return [tables[r.block].slice(r.offset, 1).to_pylist()[0] for r in refs]
-
-
-def resolve_pairs(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Learner rows whose `image` is a RowRef get that prompt row's image and prompt (the
-    driver builds online pairs without either); other rows pass unchanged."""
-    lazy = [i for i, r in enumerate(rows) if isinstance(r.get("image"), RowRef)]
-    out = [dict(r) for r in rows]
-    for i, rec in zip(lazy, resolve_rows([rows[i]["image"] for i in lazy]), strict=True):
-        out[i]["image"], out[i]["prompt"] = rec["images"][0], rec["prompt"]
-    return out

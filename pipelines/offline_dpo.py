@@ -14,14 +14,13 @@ Flow: Ray Data reads `data.offline_pairs` (our preference Parquet or TRL's; loca
 <output_dir>/quarantine.jsonl with their reason -> `learner.num_workers` Ray Train workers
 train LoRA (`actors.learner_train`), checkpointing to `storage.checkpoints`/step_XXXXXX and
 resuming from there -> rank 0 writes the merged model to <output_dir>/merged -> metrics.json
--> the ShapesWorld evaluation of the merged model when `pipelines/evaluate.py` offers it.
+-> the ShapesWorld evaluation of the merged model (`pipelines/evaluate.py`).
 The policy is `sampler.model`, loaded in `sampler.dtype`.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import sys
@@ -129,17 +128,10 @@ def _resume_from(cfg: Config, checkpoints: str) -> str:
     return "" if snapshot else latest
 
 
-def _evaluate(cfg: Config, model_dir: str) -> dict[str, Any] | None:
-    if importlib.util.find_spec("pipelines.evaluate") is None:
-        print("note: pipelines/evaluate.py is not available yet; evaluation skipped")
-        return None
-    from pipelines import evaluate
-
-    run_evaluation = getattr(evaluate, "run_evaluation", None)
-    if run_evaluation is None:
-        print("note: pipelines.evaluate has no run_evaluation(cfg, model_path); skipped")
-        return None
+def _evaluate(cfg: Config, model_dir: str) -> dict[str, Any]:
+    """The ShapesWorld evaluation of the merged model (pipelines/evaluate.py), printed."""
     from mmalign.evaluation import format_report
+    from pipelines.evaluate import run_evaluation
 
     report = dict(run_evaluation(cfg, model_dir))
     print(format_report(report))

@@ -77,9 +77,14 @@ def test_every_requested_label_exists_on_a_node_type(targets) -> None:  # noqa: 
 
 
 def test_kuberay_job_has_every_label_of_the_preset_it_runs() -> None:
+    doc = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayjob.yaml").read_text())
+    preset = doc["spec"]["entrypoint"].split("--config ")[1].split()[0]
+    assert preset == "pipelines/configs/llava-1.6-7b.yaml"
     job = {k: v for k, v in kuberay_groups().items() if k.startswith("rayjob")}
     offered = {label for res in job.values() for label in res}
-    used = {lbl for w, res in requested().items() if w.startswith("llava") for lbl in res}
+    prefix = Path(preset).name + ":"
+    used = {lbl for w, res in requested().items() if w.startswith(prefix) for lbl in res}
+    assert used == {"sampler_node", "judge_node", "learner_node"}  # one per node type
     assert used <= offered, used - offered
 
 

@@ -341,7 +341,7 @@ def test_judge_pool_on_a_numpy_dict_batch_on_cpu() -> None:
     """The Ray Data callable on the batch format map_batches hands it (no cluster)."""
     import numpy as np
 
-    from actors.judge_pool import JudgePool
+    from operators.judge import JudgePool
 
     images = np.empty(2, dtype=object)
     images[0], images[1] = np.array([png(8)], dtype=object), np.array([], dtype=object)
@@ -374,8 +374,8 @@ DOG = "A woman on a bicycle next to a puppy and a table."
 
 
 def test_object_judge_on_coco_objects_with_a_synonyms_file_on_cpu(tmp_path: Any) -> None:
-    from actors.judge_pool import JudgePool
     from mmalign.config import JudgeConfig
+    from operators.judge import JudgePool
 
     path = tmp_path / "synonyms.txt"
     path.write_text(COCO_SYNONYMS)

@@ -208,10 +208,13 @@ def test_two_rejected_and_mdpo_steps_on_cpu() -> None:
     m = learner.step([extra, ROW2])  # ROW2 has no extra: its loss is the plain pair loss
     assert m["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == ref at step 0
     assert all(math.isfinite(v) for v in m.values())
+    # the step reports its batch kind (the online driver counts two-rejected steps)
+    assert m["two_rejected"] == 1.0 and learner.step([ROW2])["two_rejected"] == 0.0
 
     mdpo, _ = _learner(loss="mdpo", beta=0.5)
     ranked = dict(ROW, responses=["Yes.", "Yes, there is.", "No.", "No, there is not."])
     first = mdpo.step([ranked])
+    assert first["two_rejected"] == 0.0
     # policy == ref at step 0: every pair term is log 2 and the penalty -r(y_0) is 0
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     for _ in range(5):

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pytest
 
 from mmalign import config
+from mmalign.rows import resolve_rows
 from operators import prompt_source as ps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +88,7 @@ def test_prompt_source_driver_holds_refs_only_and_actors_resolve_rows_on_cpu(
         _no_bytes({k: v for k, v in vars(source).items() if k != "blocks"})
         assert all(isinstance(x, int) for row in source.table for x in row)
         # an actor-side resolve gives the rows the single-process reader gives, in order
-        rows = ray.get(ray.remote(ps.resolve_rows).remote(source.refs(range(len(source)))))
+        rows = ray.get(ray.remote(resolve_rows).remote(source.refs(range(len(source)))))
         records, bad = mio.read_prompts(uri)
         assert [r["id"] for r in bad] == [q["id"] for q in source.quarantine][:1]
         good = [r for r in records if r["id"] != source.quarantine[1]["id"]]

@@ -134,5 +134,37 @@ def test_parquet_readers_ours_generic_and_column_check(tmp_path: Path) -> None:
         mio.read_prompts(str(wrong))
 
 
-def test_schema_is_the_single_contract() -> None:
+def _keys(typed_dict: type) -> list[str]:
+    return list(typed_dict.__annotations__)
+
+
+def test_schema_is_the_single_contract(tmp_path: Path) -> None:
+    """Each contract is declared once: the row types name exactly the schema's columns,
+    the builders fill exactly those, and every writer stores exactly the declared schema."""
+    from mmalign import preference_rows as pr
+    from mmalign.rows import LearnerRow, PreferenceRow, PromptRow
+    from mmalign.schema import PROMPT_SCHEMA, prompt_record
+    from operators.prompt_source import OUTPUT_SCHEMA
+
     assert PREFERENCE_SCHEMA.names[:5] == ["id", "prompt", "chosen", "rejected", "images"]
+    assert _keys(PreferenceRow) == PREFERENCE_SCHEMA.names
+    assert _keys(PromptRow) == PROMPT_SCHEMA.names
+    assert sorted(_keys(LearnerRow)) == sorted(pr.LEARNER_SCHEMA.names)
+    assert _keys(pr.ConvertedRow)[-1] == pr.ERROR_COLUMN == pr.CONVERTED_SCHEMA.names[-1]
+    # what the learner cannot do without; id, rejected_extra and responses may be absent
+    assert LearnerRow.__required_keys__ == {"image", "prompt", "chosen", "rejected"}
+    assert OUTPUT_SCHEMA.names == [*PROMPT_SCHEMA.names, "idx", "error"]
+
+    pref, prompt = _pref(0), prompt_record(id="q0", prompt="<image> Describe.", images=[_png()])
+    assert list(pref) == PREFERENCE_SCHEMA.names and list(prompt) == PROMPT_SCHEMA.names
+    learner = pr.to_learner_row(pref)
+    assert list(learner) == list(pr.LEARNER_COLUMNS)
+    assert pr.convert_table(pa.Table.from_pylist([pref])).schema == pr.CONVERTED_SCHEMA
+
+    mio.write_preferences([pref], str(tmp_path / "pref.parquet"))
+    mio.write_prompts([prompt], str(tmp_path / "prompt.parquet"))
+    for name, schema in (("pref", PREFERENCE_SCHEMA), ("prompt", PROMPT_SCHEMA)):
+        stored = pa.parquet.read_schema(tmp_path / f"{name}.parquet")
+        assert stored.remove_metadata() == schema, name
+        features = json.loads(stored.metadata[b"huggingface"])["info"]["features"]
+        assert list(features) == schema.names, name  # datasets restores every column

@@ -270,7 +270,7 @@ def test_judge_pool_in_ray_data(serve_apps: dict[str, Any]) -> None:
     """Offline annotation: map_batches(JudgePool) keeps one row per input row."""
     import ray
 
-    from actors.judge_pool import JudgePool
+    from operators.judge import JudgePool
 
     image = {"bytes": png_bytes(), "path": None}
     items = [

@@ -1,7 +1,7 @@
 """JudgeEngine: judge batches of pair rows with a VLM (both orders) or the object annotations.
 
 Ray-free; the Serve deployment (deploy/judge_app.py) and the Ray Data pool
-(actors/judge_pool.py) only wrap it.
+(operators/judge.py) only wrap it.
 
 Row contract (`JUDGE_COLUMNS`), one pair per row:
     image       {bytes, path} struct (`mmalign.schema.IMAGE`); or `images`, a list of them

@@ -30,6 +30,7 @@ from mmalign.losses import (
     preference_loss,
     two_rejected_loss,
 )
+from mmalign.rows import LearnerRow
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -158,13 +159,14 @@ class PreferenceLearner:
         self.global_step = 0  # optimizer steps
 
     # ------------------------------------------------------------------ training
-    def step(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    def step(self, rows: Sequence[LearnerRow]) -> dict[str, float]:
         """One micro-batch: forward policy + reference, loss, backward; an optimizer step
         (clip, AdamW, schedule) every `grad_accum` calls. Returns float metrics:
         loss, reward_margin, reward_accuracy, chosen/rejected_logps and _rewards (batch
         means), lr, optimizer_step, stepped (1.0 if the optimizer stepped) and grad_norm
         (when stepped). MDPO: chosen = best response, rejected = worst, accuracy over all
-        ranked pairs. Two-rejected: rejected_rewards/margin/accuracy use the gamma mix."""
+        ranked pairs. Two-rejected: rejected_rewards/margin/accuracy use the gamma mix, and
+        the metric two_rejected is 1.0 (0.0 for the other batch kinds)."""
         s = self.settings
         responses, kind = rows_to_responses(rows, s.loss)
         batch = self._batch(rows, responses)
@@ -189,6 +191,7 @@ class PreferenceLearner:
             out["grad_norm"] = self._optimizer_step()
             out["stepped"] = 1.0
         out["optimizer_step"] = float(self.global_step)
+        out["two_rejected"] = float(kind == "two_rejected")  # the batch kind, for the driver
         return out
 
     def _loss_metrics(self, policy: torch.Tensor, ref: torch.Tensor, kind: str) -> dict:
