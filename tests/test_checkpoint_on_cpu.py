@@ -22,7 +22,7 @@ from mmalign import storage
 from mmalign.config import LearnerConfig
 from mmalign.engines import checkpoint
 from mmalign.engines.distributed_learner import LoopState, SyncedPreferenceLearner
-from mmalign.engines.learner import LearnerSettings, PreferenceLearner
+from mmalign.engines.learner import PreferenceLearner
 
 CFG = LearnerConfig(
     lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=1e-2, schedule="constant", batch_size=2
@@ -62,7 +62,7 @@ def _base():
 def _online_learner() -> PreferenceLearner:
     """As actors.online.LearnerActor builds it."""
     model, processor = _base()
-    return PreferenceLearner(model, processor, LearnerSettings.from_config(CFG))
+    return PreferenceLearner(model, processor, CFG)
 
 
 def _train_learner() -> SyncedPreferenceLearner:
