@@ -15,15 +15,16 @@ schedule. This is what DDP computes, done by hand because the learner calls peft
 its model (`disable_adapter` for the reference pass, `save_pretrained`, merging) that a DDP
 wrapper would hide; with gradient accumulation it also syncs once per step, like `no_sync`.
 
-Checkpoints (every `checkpoint_every` optimizer steps and at the end) are directories
-`step_XXXXXX/` with the peft adapter (adapter_config.json + adapter_model.safetensors),
-`trainer_state.pt` (learner.state_dict()), `loop_state.json` (epoch/position) and one
-`rng_rank{r}.pt` per worker. Resume: Ray Train's `get_checkpoint()` (same storage path and
-run name), else `TrainLoopConfig.resume_from`.
+Checkpoints (every `checkpoint_every` optimizer steps and at the end) are
+`step_XXXXXX/` directories in the one layout of `mmalign.engines.checkpoint` (peft adapter,
+trainer_state.pt, loop_state.json with the epoch/position, one rng_rank{r}.pt per worker),
+the same the online loop writes: either loop resumes the other's. Resume: Ray Train's
+`get_checkpoint()` (same storage path and run name), else `TrainLoopConfig.resume_from`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -35,17 +36,15 @@ import torch
 
 from mmalign import storage
 from mmalign.config import LearnerConfig, parse_resources
+from mmalign.engines import checkpoint
 from mmalign.engines.distributed_learner import (
     MEAN_KEYS,
     LoopState,
     SyncedPreferenceLearner,
     epoch_seed,
-    latest_checkpoint,
-    load_checkpoint_dir,
     local_batch_size,
     mean_metrics,
     micro_batches,
-    save_checkpoint_dir,
     window_shuffle,
     worker_seed,
 )
@@ -53,9 +52,9 @@ from mmalign.engines.learner import PreferenceLearner
 
 __all__ = [
     "TrainLoopConfig",
-    "latest_checkpoint",
     "learner_settings",
     "make_trainer",
+    "resume_state",
     "train_loop",
     "worker_resources",
 ]
@@ -129,20 +128,6 @@ def _shard_rows(shard: Any) -> Iterator[dict[str, Any]]:
         yield from table.to_pylist()
 
 
-def export_merged(learner: PreferenceLearner, uri: str) -> None:
-    """Merge LoRA into the base weights in place (training is over) and save model +
-    processor in HF format to `uri` (local or s3://) for serving."""
-    merged = learner.model.merge_and_unload()
-    if not storage.is_s3(uri):
-        merged.save_pretrained(uri)
-        learner.processor.save_pretrained(uri)
-        return
-    with tempfile.TemporaryDirectory() as local:
-        merged.save_pretrained(local)
-        learner.processor.save_pretrained(local)
-        storage.upload_dir(local, uri)
-
-
 def _checkpoint(
     learner: PreferenceLearner, state: LoopState, rank: int, metrics: dict[str, float]
 ) -> None:
@@ -151,107 +136,151 @@ def _checkpoint(
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
-        save_checkpoint_dir(directory, learner, state, rank)
+        checkpoint.save(directory, learner, dataclasses.asdict(state), rank)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"step_{state.step:06d}",
+            checkpoint_dir_name=checkpoint.step_name(state.step),
         )
+
+
+def _build(cfg: TrainLoopConfig, rank: int) -> SyncedPreferenceLearner:
+    """This worker's learner on its device; LoRA dropout draws from a per-rank seed."""
+    import ray.train.torch
+
+    from mmalign.models.loading import load_model
+
+    torch.manual_seed(worker_seed(cfg.learner.seed, rank))
+    device = ray.train.torch.get_device()
+    model_dir = storage.localize(cfg.model, cfg.cache_dir)
+    model, processor = load_model(model_dir, dtype=cfg.dtype, device=str(device))
+    return SyncedPreferenceLearner(model, processor, learner_settings(cfg))
+
+
+def resume_state(
+    directory: str, learner: PreferenceLearner, rank: int, world: int, seed: int
+) -> LoopState:
+    """Load a checkpoint (ours or the online loop's) into `learner`; its data position.
+    The step is the learner's optimizer step (an online checkpoint counts loop steps)."""
+    state = LoopState.from_saved(checkpoint.load(directory, learner, rank, seed))
+    state.step = learner.global_step
+    if state.world_size != world:
+        log.warning(
+            "resuming with %d workers (saved with %d): data order differs", world, state.world_size
+        )
+        state.world_size = world
+    return state
+
+
+def _restore(cfg: TrainLoopConfig, learner: PreferenceLearner, rank: int, world: int) -> LoopState:
+    """Resume from Ray Train's checkpoint of this run, else `cfg.resume_from`, else start."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and cfg.resume_from:
+        ckpt = ray.train.Checkpoint(cfg.resume_from)
+    if ckpt is None:
+        return LoopState(world_size=world)
+    with ckpt.as_directory() as directory:
+        return resume_state(directory, learner, rank, world, cfg.learner.seed)
+
+
+class _Worker:
+    """One worker's loop: micro-steps until `target` optimizer steps, metrics to rank 0's
+    TensorBoard, a checkpoint report every `checkpoint_every` steps and at the target."""
+
+    def __init__(
+        self, cfg: TrainLoopConfig, learner: SyncedPreferenceLearner, state: LoopState, rank: int
+    ) -> None:
+        self.cfg, self.learner, self.state, self.rank = cfg, learner, state, rank
+        self.target = min(cfg.stop_at_step or cfg.learner.steps, cfg.learner.steps)
+        self.local_bs = local_batch_size(cfg.learner.batch_size, state.world_size)
+        self.start_step = state.step
+        self.scalars = None
+        if rank == 0 and cfg.output_dir:
+            self.scalars = _Scalars(
+                cfg.output_dir, purge_step=state.step + 1 if state.step else None
+            )
+        self.micro: list[dict[str, float]] = []  # micro-steps of the pending optimizer step
+        self.interval: list[dict[str, float]] = []  # optimizer steps since the last report
+        self.t_last, self.pairs_last = time.perf_counter(), state.pairs_seen
+
+    def train_epoch(self, shard: Any) -> None:
+        """One pass over the shard, skipping the micro-batches trained on before a resume."""
+        s, n = self.state, 0
+        seed = epoch_seed(self.cfg.learner.seed, s.epoch, self.rank)
+        rows = window_shuffle(_shard_rows(shard), self.cfg.shuffle_window, seed)
+        for n, batch in enumerate(micro_batches(rows, self.local_bs), 1):
+            if n > s.batches_in_epoch:
+                self._micro_step(batch, n)
+            if s.step >= self.target:
+                break
+        if n == 0:
+            raise RuntimeError(
+                f"worker {self.rank}: its data shard holds fewer than one micro-batch "
+                f"({self.local_bs} rows); use more rows or a smaller learner.batch_size"
+            )
+        if s.step < self.target:
+            s.epoch, s.batches_in_epoch = s.epoch + 1, 0
+
+    def _micro_step(self, batch: list[dict[str, Any]], n: int) -> None:
+        s = self.state
+        self.micro.append(self.learner.step(batch))
+        s.batches_in_epoch = n
+        s.pairs_seen += self.local_bs * s.world_size
+        if not self.micro[-1]["stepped"]:
+            return
+        s.step = self.learner.global_step
+        metrics = mean_metrics(self.micro)
+        self.micro = []
+        self.interval.append(metrics)
+        if self.scalars is not None:
+            self.scalars.log(metrics, s.step)
+        if s.step % self.cfg.checkpoint_every == 0 or s.step >= self.target:
+            self._report(metrics)
+
+    def _report(self, last: dict[str, float]) -> None:
+        """Checkpoint with the interval's mean metrics and its pair rate (all workers)."""
+        s = self.state
+        rate = (s.pairs_seen - self.pairs_last) / max(time.perf_counter() - self.t_last, 1e-9)
+        report = {k: sum(m[k] for m in self.interval) / len(self.interval) for k in MEAN_KEYS}
+        report.update(
+            step=s.step,
+            start_step=self.start_step,
+            epoch=s.epoch,
+            pairs_seen=s.pairs_seen,
+            lr=last["lr"],
+            grad_norm=last["grad_norm"],
+            pairs_per_second=rate,
+        )
+        if self.scalars is not None:
+            self.scalars.sync()
+        _checkpoint(self.learner, s, self.rank, report)
+        self.interval, self.t_last, self.pairs_last = [], time.perf_counter(), s.pairs_seen
+
+    def close(self) -> None:
+        if self.scalars is not None:
+            self.scalars.sync()
+            self.scalars.writer.close()
 
 
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train `train_loop_per_worker`; config = {"loop": TrainLoopConfig}."""
     import ray.train
-    import ray.train.torch
-
-    from mmalign.models.loading import load_model
 
     cfg: TrainLoopConfig = config["loop"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed = cfg.learner.seed
-    torch.manual_seed(worker_seed(seed, rank))
-    device = ray.train.torch.get_device()
-    model_dir = storage.localize(cfg.model, cfg.cache_dir)
-    model, processor = load_model(model_dir, dtype=cfg.dtype, device=str(device))
-    learner = SyncedPreferenceLearner(model, processor, learner_settings(cfg))
-
-    state = LoopState(world_size=world)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and cfg.resume_from:
-        ckpt = ray.train.Checkpoint(cfg.resume_from)
-    if ckpt is not None:
-        with ckpt.as_directory() as directory:
-            state = load_checkpoint_dir(directory, learner, rank, seed)
-        if state.world_size != world:
-            log.warning(
-                "resuming with %d workers (saved with %d): data order differs",
-                world,
-                state.world_size,
-            )
-            state.world_size = world
+    learner = _build(cfg, rank)
+    state = _restore(cfg, learner, rank, world)
     learner.broadcast_trainable()
-    start_step = state.step
-
-    target = min(cfg.stop_at_step or cfg.learner.steps, cfg.learner.steps)
-    local_bs = local_batch_size(cfg.learner.batch_size, world)
-    scalars = None
-    if rank == 0 and cfg.output_dir:
-        scalars = _Scalars(cfg.output_dir, purge_step=state.step + 1 if state.step else None)
+    worker = _Worker(cfg, learner, state, rank)
     shard = ray.train.get_dataset_shard("train")
-    micro: list[dict[str, float]] = []
-    interval: list[dict[str, float]] = []
-    t_last, pairs_last = time.perf_counter(), state.pairs_seen
-    while state.step < target:
-        n = 0
-        rows = window_shuffle(
-            _shard_rows(shard), cfg.shuffle_window, epoch_seed(seed, state.epoch, rank)
-        )
-        for batch in micro_batches(rows, local_bs):
-            n += 1
-            if n <= state.batches_in_epoch:  # trained on before the resume
-                continue
-            micro.append(learner.step(batch))
-            state.batches_in_epoch = n
-            state.pairs_seen += local_bs * world
-            if not micro[-1]["stepped"]:
-                continue
-            state.step = learner.global_step
-            metrics = mean_metrics(micro)
-            micro = []
-            interval.append(metrics)
-            if scalars is not None:
-                scalars.log(metrics, state.step)
-            if state.step % cfg.checkpoint_every == 0 or state.step >= target:
-                rate = (state.pairs_seen - pairs_last) / max(time.perf_counter() - t_last, 1e-9)
-                report = {k: sum(m[k] for m in interval) / len(interval) for k in MEAN_KEYS}
-                report.update(
-                    step=state.step,
-                    start_step=start_step,
-                    epoch=state.epoch,
-                    pairs_seen=state.pairs_seen,
-                    lr=metrics["lr"],
-                    grad_norm=metrics["grad_norm"],
-                    pairs_per_second=rate,
-                )
-                if scalars is not None:
-                    scalars.sync()
-                _checkpoint(learner, state, rank, report)
-                interval, t_last, pairs_last = [], time.perf_counter(), state.pairs_seen
-            if state.step >= target:
-                break
-        if n == 0:
-            raise RuntimeError(
-                f"worker {rank}: its data shard holds fewer than one micro-batch "
-                f"({local_bs} rows); use more rows or a smaller learner.batch_size"
-            )
-        if state.step < target:
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-    if scalars is not None:
-        scalars.sync()
-        scalars.writer.close()
-    if rank == 0 and cfg.export_dir and target >= cfg.learner.steps:
-        export_merged(learner, cfg.export_dir)
+    while state.step < worker.target:
+        worker.train_epoch(shard)
+    worker.close()
+    if rank == 0 and cfg.export_dir and worker.target >= cfg.learner.steps:
+        checkpoint.export_merged(learner, cfg.export_dir, in_place=True)  # training is over
 
 
 # ------------------------------------------------------------------ driver side

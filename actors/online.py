@@ -6,9 +6,7 @@ variables read on both sides of the boundary.
 
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -198,36 +196,22 @@ class LearnerActor:
     def busy(self) -> dict[str, Any]:
         return self.timer.stats()
 
-    def save_checkpoint(self, uri: str) -> None:
-        """learner.pt (exact resume state) + adapter/ (peft format) under `uri`."""
-        import torch
+    def save_checkpoint(self, uri: str, loop_state: Mapping[str, Any]) -> str:
+        """Write this learner's checkpoint (`mmalign.engines.checkpoint` layout) with the
+        driver's `loop_state` to `uri`, here: the weights never pass through the driver."""
+        from mmalign.engines import checkpoint
 
-        from mmalign import storage
+        return checkpoint.save(uri, self.learner, loop_state)
 
-        buf = io.BytesIO()
-        torch.save(self.learner.state_dict(), buf)
-        storage.write_bytes(storage.join(uri, "learner.pt"), buf.getvalue())
-        with tempfile.TemporaryDirectory() as tmp:
-            self.learner.save_adapter(tmp)
-            storage.upload_dir(tmp, storage.join(uri, "adapter"))
+    def load_checkpoint(self, uri: str) -> dict[str, Any]:
+        """Restore the checkpoint at `uri` (this loop's or Ray Train's); its loop state."""
+        from mmalign.engines import checkpoint
 
-    def load_checkpoint(self, uri: str) -> None:
-        import torch
-
-        from mmalign import storage
-
-        state = torch.load(
-            io.BytesIO(storage.read_bytes(storage.join(uri, "learner.pt"))), weights_only=False
-        )
-        self.learner.load_state_dict(state)
+        return checkpoint.load(uri, self.learner)
 
     def export_merged(self, uri: str) -> str:
-        """Save the LoRA-merged model + processor (HF format) for serving/evaluation."""
-        from mmalign import storage
+        """Save the LoRA-merged model + processor (HF format) for serving/evaluation; merges
+        a copy, since training may go on (periodic evals)."""
+        from mmalign.engines import checkpoint
 
-        merged = self.learner.merged_model()
-        with tempfile.TemporaryDirectory() as tmp:
-            merged.save_pretrained(tmp)
-            self.processor.save_pretrained(tmp)
-            storage.upload_dir(tmp, uri)
-        return uri
+        return checkpoint.export_merged(self.learner, uri)

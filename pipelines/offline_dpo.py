@@ -116,7 +116,7 @@ def prepare_data(cfg: Config) -> tuple[Any, int, list[dict[str, Any]]]:
 
 def _resume_from(cfg: Config, checkpoints: str) -> str:
     """Our own fallback when Ray's run snapshot is missing; refuses to mix runs."""
-    from actors.learner_train import latest_checkpoint
+    from mmalign.engines.checkpoint import latest_checkpoint
 
     latest = latest_checkpoint(checkpoints)
     snapshot = storage.exists(storage.join(checkpoints, "checkpoint_manager_snapshot.json"))

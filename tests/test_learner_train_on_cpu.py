@@ -20,9 +20,9 @@ import torch
 
 from actors.learner_train import TrainLoopConfig, learner_settings, make_trainer
 from mmalign.config import LearnerConfig
+from mmalign.engines.checkpoint import latest_checkpoint
 from mmalign.engines.distributed_learner import (
     epoch_seed,
-    latest_checkpoint,
     local_batch_size,
     micro_batches,
     window_shuffle,
@@ -311,6 +311,36 @@ def test_stop_and_resume_equals_an_uninterrupted_run_on_cpu(
     assert any(
         f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "out" / "tensorboard")
     )
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_train_resumes_a_checkpoint_of_the_online_learner_on_cpu(
+    ray_cluster: None, model_dir: str, tmp_path: Path
+) -> None:
+    """The online loop's learner (built as actors.online.LearnerActor builds it) trains 2
+    steps and checkpoints with the loop's state; a Ray Train run given that checkpoint
+    starts at step 2 and ends where the online learner's own next step ends."""
+    import ray.data
+
+    from mmalign.engines import checkpoint
+    from mmalign.models.loading import load_model
+
+    rows = _rows(4)
+    learner = dataclasses.replace(TINY, batch_size=2, steps=3, shuffle_window=0)
+    model, processor = load_model(model_dir, dtype=LOOP_DTYPE)
+    online = PreferenceLearner(model, processor, learner)
+    online.step(rows[2:])
+    online.step(rows[:2])
+    uri = checkpoint.step_dir(str(tmp_path / "online" / "checkpoints"), 2)
+    checkpoint.save(uri, online, {"step": 2, "version": 2, "totals": {"pairs": 4}})
+    online.step(rows[:2])  # Ray Train restarts the data at epoch 0: its first batch
+    loop = TrainLoopConfig(model=model_dir, learner=learner, dtype=LOOP_DTYPE, resume_from=uri)
+    result = make_trainer(loop, ray.data.from_items(rows), checkpoints=str(tmp_path / "ck")).fit()
+
+    assert (result.metrics["start_step"], result.metrics["step"]) == (2, 3)
+    assert os.path.basename(result.checkpoint.path) == "step_000003"
+    _assert_same(_adapter(result.checkpoint.path), online.adapter_state())
 
 
 def _pairs_parquet(directory: Path) -> tuple[str, set[str]]:

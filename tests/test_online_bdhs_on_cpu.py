@@ -131,8 +131,7 @@ def test_online_bdhs_loop_trains_two_rejected_and_resumes_on_cpu(
 
     # The driver dies after step 2's checkpoint: rewind to it and rerun the same command.
     step3 = logged(2)
-    (out / "checkpoints" / "latest").write_text("step-000002")
-    shutil.rmtree(out / "checkpoints" / "step-000003")
+    shutil.rmtree(out / "checkpoints" / "step_000003")  # step_000002 is now the latest
     (out / "pairs" / "step-000002.jsonl").unlink()
     capsys.readouterr()
     init_ray(local_cpus=8)

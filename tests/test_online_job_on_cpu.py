@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from mmalign.engines.checkpoint import latest_checkpoint
 from mmalign.models.tiny_llava import build_tiny_llava
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,9 +132,11 @@ def test_ray_job_submit_online_dpo_on_cpu(tmp_path: Path) -> None:
         assert "succeeded" in log.lower(), log[-2000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["steps"] == 4
-        assert (out / "checkpoints" / "latest").read_text() == "step-000004"
-        assert (out / "checkpoints" / "step-000002" / "learner.pt").exists()
-        assert (out / "checkpoints" / "step-000004" / "adapter" / "adapter_config.json").exists()
+        assert latest_checkpoint(str(out / "checkpoints")) == str(
+            out / "checkpoints" / "step_000004"
+        )
+        assert (out / "checkpoints" / "step_000002" / "trainer_state.pt").exists()
+        assert (out / "checkpoints" / "step_000004" / "adapter_config.json").exists()
         assert len(list((out / "pairs").glob("step-*.jsonl"))) == 4
         assert (out / "merged" / "config.json").exists() and (out / "eval" / "report.json").exists()
         assert any(name.endswith("mmalign_weight_version") for name in seen), sorted(seen)

@@ -4,29 +4,25 @@
   gradients over the torch.distributed group (gloo on CPU, NCCL on GPU).
 - Data order: `window_shuffle` + `micro_batches` with seeds from `epoch_seed`, so a run
   and its resumption see the same rows in the same order.
-- Checkpoint directories: `save_checkpoint_dir` / `load_checkpoint_dir` (peft adapter,
-  trainer_state.pt, loop_state.json, one rng_rank{r}.pt per worker), `latest_checkpoint`.
+- `LoopState`: the data position saved in a checkpoint's loop_state.json (the layout and
+  the save/load functions are `mmalign.engines.checkpoint`'s).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from mmalign import seeds, storage
+from mmalign import seeds
 from mmalign.engines.learner import PreferenceLearner
 
 T = TypeVar("T")
 
-STATE_FILE = "trainer_state.pt"
-LOOP_FILE = "loop_state.json"
 # Batch means of these are averaged over micro-steps and workers, then logged/reported.
 MEAN_KEYS = (
     "loss",
@@ -48,6 +44,14 @@ class LoopState:
     batches_in_epoch: int = 0  # micro-batches of this epoch already trained on (per worker)
     pairs_seen: int = 0  # rows trained on, all workers together
     world_size: int = 1
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, Any]) -> LoopState:
+        """The fields this class knows from a checkpoint's loop state; the rest default
+        (a checkpoint of the online loop holds only `step` of these: the data position
+        starts at the first epoch)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: int(v) for k, v in saved.items() if k in names})
 
 
 # ------------------------------------------------------------------ pure helpers
@@ -180,55 +184,3 @@ def mean_metrics(micro: Sequence[dict[str, float]]) -> dict[str, float]:
     out["lr"] = micro[-1]["lr"]
     out["grad_norm"] = micro[-1].get("grad_norm", float("nan"))
     return out
-
-
-# ------------------------------------------------------------------ checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    return {"cpu": torch.get_rng_state(), "cuda": cuda}
-
-
-def save_checkpoint_dir(
-    directory: str, learner: PreferenceLearner, state: LoopState, rank: int
-) -> None:
-    """Write this worker's part of a checkpoint (Ray Train merges the workers' dirs)."""
-    if rank == 0:
-        learner.save_adapter(directory)
-        torch.save(learner.state_dict(), os.path.join(directory, STATE_FILE))
-        with open(os.path.join(directory, LOOP_FILE), "w") as f:
-            json.dump(dataclasses.asdict(state), f)
-    torch.save(_rng_state(), os.path.join(directory, f"rng_rank{rank}.pt"))
-
-
-def load_checkpoint_dir(
-    directory: str, learner: PreferenceLearner, rank: int, seed: int
-) -> LoopState:
-    """Restore learner weights/optimizer/schedule, the data position and this rank's RNG."""
-    path = os.path.join(directory, STATE_FILE)
-    learner.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    with open(os.path.join(directory, LOOP_FILE)) as f:
-        state = LoopState(**json.load(f))
-    rng_path = os.path.join(directory, f"rng_rank{rank}.pt")
-    if os.path.exists(rng_path):
-        rng = torch.load(rng_path, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    else:  # more workers than when saved: a fresh, still deterministic stream
-        torch.manual_seed(worker_seed(seed, rank) + state.step)
-    return state
-
-
-def latest_checkpoint(root: str) -> str:
-    """The step_XXXXXX directory under `root` (local or s3://) with the highest step that
-    holds a complete checkpoint (trainer_state.pt), or ""."""
-    best, best_step = "", -1
-    for path in storage.list_files(root):
-        parent, _, name = path.rstrip("/").rpartition("/")
-        step_dir = parent.rpartition("/")[2]
-        ok = name == STATE_FILE and step_dir.startswith("step_") and step_dir[5:].isdigit()
-        if ok and int(step_dir[5:]) > best_step:
-            best, best_step = parent, int(step_dir[5:])
-    return best
