@@ -211,9 +211,20 @@ def _jsonl_row(line: bytes, n: int) -> Any:
 def read_parquet(uri: str) -> pa.Table:
     """A Parquet file or a directory/prefix of shards (hidden/temp files ignored)."""
     fs, path = storage.filesystem(uri)
+
+    def read() -> pa.Table:
+        try:
+            return pq.read_table(path, filesystem=fs)
+        except pa.ArrowInvalid as err:  # not Parquet: permanent, never retried
+            raise storage.StorageError(f"{uri}: cannot read Parquet ({err})") from None
+
+    if storage.is_s3(uri):  # transient endpoint errors are retried, then name the URI
+        return storage.with_retries(uri, read)
     try:
-        return pq.read_table(path, filesystem=fs)
-    except (OSError, pa.ArrowInvalid) as err:
+        return read()
+    except storage.StorageError:
+        raise
+    except OSError as err:
         raise storage.StorageError(f"{uri}: cannot read Parquet ({err})") from None
 
 
@@ -265,8 +276,8 @@ def write_parquet(rows: list[dict[str, Any]], uri: str, schema: pa.Schema) -> No
     """Write rows as one Parquet file (atomic locally; S3 objects appear whole on close)."""
     table = pa.Table.from_pylist(rows, schema=with_hf_metadata(schema))
     fs, path = storage.filesystem(uri)
-    if storage.is_s3(uri):
-        pq.write_table(table, path, filesystem=fs)
+    if storage.is_s3(uri):  # the object appears whole on close; a retry rewrites it
+        storage.with_retries(uri, lambda: pq.write_table(table, path, filesystem=fs))
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
