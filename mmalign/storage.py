@@ -277,7 +277,11 @@ def upload_dir(local_dir: str, uri: str) -> None:
     if not src.is_dir():
         raise StorageError(f"{local_dir}: not a directory")
     if not is_s3(uri):
-        shutil.copytree(src, os.path.expanduser(uri), dirs_exist_ok=True)
+        # copyfile, not copy2: files get this process's default mode (umask), not the
+        # source's — a temp dir's 0600 files would otherwise land 0600 beside 0644 ones.
+        shutil.copytree(
+            src, os.path.expanduser(uri), dirs_exist_ok=True, copy_function=shutil.copyfile
+        )
         return
     bucket, key = split_s3(uri)
     client = _s3_client()
