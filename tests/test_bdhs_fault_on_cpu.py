@@ -6,10 +6,7 @@ re-sends the calls in flight; the BDHS job must complete with every good row wri
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,33 +14,9 @@ import pytest
 
 from mmalign import io as mio
 from mmalign.config import load
+from tests.faults import kill_when_exists
 
 POLICY = Path(__file__).resolve().parents[1] / "assets/models/shapes-llava-small"
-
-
-def _embedder_pids() -> list[int]:
-    """Processes of this test's own Ray cluster (children of this process) hosting an
-    EmbedderActor: Ray titles an actor's worker process 'ray::<Class>...'."""
-    import psutil
-
-    pids = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if " ".join(proc.cmdline()).startswith("ray::EmbedderActor"):
-                pids.append(proc.pid)
-        except psutil.Error:
-            continue
-    return pids
-
-
-def _kill_embedder_after_first_shard(out_dir: Path, killed: list[int]) -> None:
-    """Wait for the first shard, then SIGKILL the embedder actor's process (once)."""
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(out_dir.glob("part-*.parquet")):
-        time.sleep(0.2)
-    for pid in _embedder_pids():
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
 
 
 @pytest.mark.ray
@@ -74,7 +47,8 @@ def test_embedder_killed_mid_bdhs_loses_and_duplicates_nothing(tmp_path: Path) -
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         killed: list[int] = []
-        killer = threading.Thread(target=_kill_embedder_after_first_shard, args=(out_dir, killed))
+        first = out_dir / "part-00000.parquet"
+        killer = threading.Thread(target=kill_when_exists, args=(first, "EmbedderActor", killed))
         killer.start()
         summary = run_bdhs(cfg)
         killer.join()
