@@ -49,7 +49,7 @@ from mmalign.engines.distributed_learner import (
     window_shuffle,
     worker_seed,
 )
-from mmalign.engines.learner import LearnerSettings, PreferenceLearner
+from mmalign.engines.learner import PreferenceLearner
 
 __all__ = [
     "TrainLoopConfig",
@@ -65,13 +65,15 @@ log = logging.getLogger("mmalign")
 
 @dataclass(frozen=True)
 class TrainLoopConfig:
-    """Everything a worker needs; paths are absolute local paths or s3:// URIs (Ray Train
-    runs workers in their own working directory)."""
+    """What a worker needs beyond the learner section (run paths, the model, resume and
+    stop points); paths are absolute local paths or s3:// URIs (Ray Train runs workers in
+    their own working directory)."""
 
     model: str
     """Base (policy) model: saved HF directory or s3:// prefix."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
-    """Loss, LoRA, optimiser, batch size (global, per micro-step), steps, workers."""
+    """Loss, LoRA, optimiser, batch size (global, per micro-step), steps, workers, shuffle
+    window, response truncation."""
     dtype: str = "float32"
     """Parameter dtype of the base model (LoRA weights stay float32, peft upcasts them)."""
     output_dir: str = ""
@@ -85,19 +87,18 @@ class TrainLoopConfig:
     stop_at_step: int = 0
     """End this run after this optimizer step, checkpointing it (preemption drills; 0 = run
     to learner.steps). A later run with the same storage resumes from there."""
-    shuffle_window: int = 256
-    """Rows shuffled together per window; 0 or 1 keeps the dataset order."""
-    max_response_tokens: int = 0
-    """Truncate responses to this many tokens (0 = keep all)."""
     cache_dir: str = "~/.cache/mmalign"
     """Where s3:// models are downloaded."""
 
+    @property
+    def shuffle_window(self) -> int:
+        """Rows shuffled together per window (config learner.shuffle_window)."""
+        return self.learner.shuffle_window
 
-def learner_settings(cfg: TrainLoopConfig) -> LearnerSettings:
-    extra: dict[str, Any] = {}
-    if cfg.max_response_tokens:
-        extra["max_response_tokens"] = cfg.max_response_tokens
-    return LearnerSettings.from_config(cfg.learner, **extra)
+
+def learner_settings(cfg: TrainLoopConfig) -> LearnerConfig:
+    """The settings each worker's PreferenceLearner takes: the learner section itself."""
+    return cfg.learner
 
 
 class _Scalars:

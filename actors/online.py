@@ -62,7 +62,6 @@ class SamplerActor:
         run_name: str = "",
     ) -> None:
         _threads()
-        from mmalign.engines.learner import LearnerSettings
         from mmalign.engines.policy import PolicySampler
         from mmalign.models.loading import load_model
 
@@ -76,16 +75,12 @@ class SamplerActor:
         vllm = (
             {"gpu_memory_utilization": sampler.vllm_gpu_memory} if sampler.engine == "vllm" else {}
         )
-        self.policy = PolicySampler(
-            model, processor, LearnerSettings.from_config(learner), engine=sampler.engine, **vllm
-        )
+        self.policy = PolicySampler(model, processor, learner, engine=sampler.engine, **vllm)
         self.online_bdhs: Any = None
         if bdhs is not None:
             from mmalign.engines import online_bdhs
 
-            self.online_bdhs = online_bdhs.from_config(
-                self.policy, bdhs, sampler.max_new_tokens, device
-            )
+            self.online_bdhs = online_bdhs.from_config(self.policy, sampler, bdhs, device)
         self.timer = _timer("sampler", run_name)
 
     def sample(
@@ -94,12 +89,7 @@ class SamplerActor:
         """(weight version used, k responses per prompt)."""
         from mmalign.engines.hf_generation import SamplingSettings
 
-        settings = SamplingSettings(
-            max_new_tokens=self.cfg.max_new_tokens,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            stop_strings=(),
-        )
+        settings = SamplingSettings.for_sampler(self.cfg)
         with self.timer.work():
             version = self.policy.version
             out = self.policy.sample(prompts, images, self.cfg.samples_per_prompt, settings, seed)
@@ -188,13 +178,12 @@ class LearnerActor:
 
     def __init__(self, model: str, learner: LearnerConfig, dtype: str, run_name: str = "") -> None:
         _threads()
-        from mmalign.engines.learner import LearnerSettings, PreferenceLearner
+        from mmalign.engines.learner import PreferenceLearner
         from mmalign.models.loading import load_model
 
         device = "cuda" if learner.use_gpu else "cpu"
         base, processor = load_model(model, dtype, device)
-        settings = LearnerSettings.from_config(learner)
-        self.learner = PreferenceLearner(base, processor, settings)
+        self.learner = PreferenceLearner(base, processor, learner)
         self.processor = processor
         self.timer = _timer("learner", run_name)
 

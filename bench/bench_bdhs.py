@@ -51,7 +51,10 @@ def loop_rate(model: str, rows: int, kwargs: dict) -> dict[str, float]:
 
     records, _ = mio.read_prompts("shapesworld:pref", max_rows=rows)
     t0 = time.time()
-    op = BDHSOperator(model, **kwargs)
+    from mmalign.config import BDHSConfig, SamplerConfig
+
+    sampler = SamplerConfig(model=model, max_new_tokens=kwargs.pop("max_new_tokens"))
+    op = BDHSOperator(sampler, BDHSConfig(**kwargs))
     t1 = time.time()
     ok = 0
     for rec in records:

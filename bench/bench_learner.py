@@ -40,7 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.flops import dpo_step_flops, llava_dims, peak_tflops  # noqa: E402
-from mmalign.engines.learner import LearnerSettings, PreferenceLearner, rows_to_responses  # noqa: E402
+from mmalign.config import LearnerConfig  # noqa: E402
+from mmalign.engines.learner import PreferenceLearner, rows_to_responses  # noqa: E402
 from mmalign.logprobs import build_response_batch  # noqa: E402
 
 WORDS = [
@@ -120,14 +121,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--response-words", type=int, default=20)
     ap.add_argument("--loss", default="dpo", choices=["dpo", "ipo", "slic"])
     ap.add_argument("--lora-r", type=int, default=8)
-    ap.add_argument("--reference", default="adapters_off", choices=["adapters_off", "separate"])
+    ap.add_argument("--reference", default="adapters-off", choices=["adapters-off", "separate"])
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    if args.impl == "hf-peft" and (args.loss != "dpo" or args.reference != "adapters_off"):
-        ap.error("--impl hf-peft: only --loss dpo with --reference adapters_off")
+    if args.impl == "hf-peft" and (args.loss != "dpo" or args.reference != "adapters-off"):
+        ap.error("--impl hf-peft: only --loss dpo with --reference adapters-off")
     model, processor = load(args)
     dims = llava_dims(model)
     if args.impl == "hf-peft":
@@ -200,13 +201,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def make_learner(model: torch.nn.Module, processor: object, args: argparse.Namespace):
-    settings = LearnerSettings(
+    settings = LearnerConfig(
         loss=args.loss,
-        lora_rank=args.lora_r,
+        lora_r=args.lora_r,
         lora_alpha=2 * args.lora_r,
         lora_dropout=0.0,  # as the hf-peft baseline
-        learning_rate=1e-5,
-        lr_schedule="constant",
+        lr=1e-5,
+        schedule="constant",
         reference=args.reference,
         gradient_checkpointing=args.gradient_checkpointing,
     )

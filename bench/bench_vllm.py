@@ -99,7 +99,7 @@ def main() -> None:
 
     import torch
 
-    from mmalign.bdhs import BDHSSettings
+    from mmalign.config import BDHSConfig
     from mmalign.engines.hf_generation import HFGenerationEngine, SamplingSettings
     from mmalign.engines.vllm_generation import VLLMGenerationEngine
     from mmalign.models.loading import load_model
@@ -108,7 +108,7 @@ def main() -> None:
     model, processor = load_model(args.model)
     rows = workload(args.rows)
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, mask_mode="drop")
-    bdhs = BDHSSettings(n_bdhs=args.n_bdhs, mask_mode="drop")
+    bdhs = BDHSConfig(n_bdhs=args.n_bdhs, mask_mode="drop")
     result: dict[str, object] = {"model": args.model, "rows": args.rows,
                                  "max_new_tokens": args.max_new_tokens}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mmalign.engines.learner import LearnerSettings, cuda_bf16_autocast, lora_config
+from mmalign.config import LearnerConfig
+from mmalign.engines.learner import cuda_bf16_autocast, lora_config
 from mmalign.logprobs import IGNORE_INDEX, build_response_batch
 
 
@@ -36,7 +37,7 @@ class HFPeftDPO:
 
         for p in model.parameters():
             p.requires_grad_(False)
-        lora = LearnerSettings(lora_rank=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0)
+        lora = LearnerConfig(lora_r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0)
         self.model = get_peft_model(model, lora_config(lora))
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(

@@ -6,6 +6,9 @@ Pure logic only: the model sits behind two callables so the loop is testable wit
   prompt and the image with only the visible image-feature positions kept.
 - ``embed_fn(texts) -> [n, d] array`` embeds texts (all-mpnet-base-v2 in the paper).
 
+The knobs are `mmalign.config.BDHSConfig` as it is (rho_th, n_bdhs, eps_s, swap_prob; its
+`validate` checks them); defaults are [ALIGN]'s final-results setting.
+
 Readings where the paper is silent (configurable or documented here):
 - cut points are uniform over word boundaries, the empty prefix included; a kept prefix
   never ends in whitespace, so the continuation starts with its own space token;
@@ -21,7 +24,7 @@ import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,52 +32,8 @@ Splitter = Callable[[str], list[str]]
 GenerateFn = Callable[[Sequence["ContinuationRequest"]], list[str]]
 EmbedFn = Callable[[list[str]], np.ndarray]
 
-
-@dataclass(frozen=True)
-class BDHSSettings:
-    """BDHS knobs; defaults are [ALIGN]'s final-results setting.
-
-    Attributes:
-        rho_th: an image-feature position stays visible iff u >= rho_th, u ~ U[0, 1).
-            0.99 keeps ~1% of positions, 1.0 hides all, 0.0 shows all.
-        n_bdhs: tries per sample. With n_bdhs > 1 the last try is an unguided full
-            response under the mask, accepted without the similarity gate.
-        eps_s: a guided y- is accepted when cosine(embed(y-), embed(y+)) < eps_s.
-        noise_steps: POVID diffusion step for the "noise" variant (0 = clean image).
-            Applied by whoever builds generate_fn (see mmalign.noise); recorded here so
-            one settings object describes a run.
-        mask_mode: "mask" hides positions via the attention mask and keeps every other
-            token's position id; "drop" removes the hidden rows so positions shift.
-            Consumed by the generation engine.
-        swap_prob: probability of swapping a leading yes<->no (0.5 in the paper).
-        seed: seeds the numpy Generator of a run (masks, swaps, cut points).
-    """
-
-    rho_th: float = 0.99
-    n_bdhs: int = 5
-    eps_s: float = 0.97
-    noise_steps: int = 0
-    mask_mode: Literal["mask", "drop"] = "mask"
-    swap_prob: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.rho_th <= 1.0:
-            raise ValueError(f"BDHSSettings.rho_th must be in [0, 1], got {self.rho_th}")
-        if self.n_bdhs < 1:
-            raise ValueError(f"BDHSSettings.n_bdhs must be >= 1, got {self.n_bdhs}")
-        if not -1.0 <= self.eps_s <= 1.0:
-            raise ValueError(f"BDHSSettings.eps_s must be a cosine in [-1, 1], got {self.eps_s}")
-        if not 0 <= self.noise_steps < 1000:
-            raise ValueError(
-                f"BDHSSettings.noise_steps must be in [0, 1000), got {self.noise_steps}"
-            )
-        if self.mask_mode not in ("mask", "drop"):
-            raise ValueError(
-                f"BDHSSettings.mask_mode must be 'mask' or 'drop', got {self.mask_mode!r}"
-            )
-        if not 0.0 <= self.swap_prob <= 1.0:
-            raise ValueError(f"BDHSSettings.swap_prob must be in [0, 1], got {self.swap_prob}")
+if TYPE_CHECKING:  # the knobs are the config section itself; no import at run time
+    from mmalign.config import BDHSConfig
 
 
 @dataclass(frozen=True)
@@ -285,7 +244,7 @@ def bdhs_sample(
     generate_fn: GenerateFn,
     embed_fn: EmbedFn,
     rng: np.random.Generator,
-    settings: BDHSSettings,
+    settings: BDHSConfig,
     *,
     num_image_positions: int,
     splitter: Splitter = split_sentences_regex,
@@ -342,7 +301,7 @@ def bdhs_sample_batch(
     generate_fn: BatchGenerateFn,
     embed_fn: EmbedFn,
     rngs: Sequence[np.random.Generator],
-    settings: BDHSSettings,
+    settings: BDHSConfig,
     *,
     num_image_positions: int,
     splitter: Splitter = split_sentences_regex,
@@ -391,35 +350,59 @@ def bdhs_sample_batch(
                 )
                 for r in open_rows
             }
-            calls = [(r, q) for r in open_rows for q in plans[r].requests]
-            outs = generate_fn(calls) if calls else []
-            if len(outs) != len(calls):
-                raise ValueError(f"generate_fn returned {len(outs)} texts for {len(calls)}")
-            rejected, pos = {}, 0
-            for r in open_rows:
-                k = len(plans[r].requests)
-                pieces = plans[r].pieces(outs[pos : pos + k])
-                rejected[r] = assemble_rejected(references[r], spans[r], pieces)
-                pos += k
+            rejected = _guided_try(references, spans, plans, generate_fn)
         embs = np.asarray(embed_fn([rejected[r] for r in open_rows]))
         for j, r in enumerate(open_rows):
             sims[r].append(cosine(embs[j], ref_embs[r]))
-            density = float(visible[r].mean()) if num_image_positions else 0.0
             accepted = unguided or sims[r][-1] < settings.eps_s
             if accepted or i == settings.n_bdhs:
-                plan = plans.get(r)
-                results[r] = BDHSResult(
-                    rejected[r],
-                    sims[r][-1],
-                    i,
-                    unguided,
-                    accepted,
-                    plan.cut_points if plan else (),
-                    plan.swapped if plan else (),
-                    density,
-                    tuple(sims[r]),
+                density = float(visible[r].mean()) if num_image_positions else 0.0
+                results[r] = _result(
+                    rejected[r], sims[r], i, unguided, accepted, plans.get(r), density
                 )
         open_rows = [r for r in open_rows if results[r] is None]
         if not open_rows:
             break
     return [res for res in results if res is not None]
+
+
+def _guided_try(
+    references: Sequence[str],
+    spans: Sequence[list[tuple[int, int]]],
+    plans: dict[int, ContinuationPlan],
+    generate_fn: BatchGenerateFn,
+) -> dict[int, str]:
+    """One guided try of the open rows (the keys of `plans`): every planned sentence of
+    every row in one generate_fn call, then each row's y- assembled from its pieces."""
+    calls = [(r, q) for r, plan in plans.items() for q in plan.requests]
+    outs = generate_fn(calls) if calls else []
+    if len(outs) != len(calls):
+        raise ValueError(f"generate_fn returned {len(outs)} texts for {len(calls)}")
+    rejected, pos = {}, 0
+    for r, plan in plans.items():
+        k = len(plan.requests)
+        rejected[r] = assemble_rejected(references[r], spans[r], plan.pieces(outs[pos : pos + k]))
+        pos += k
+    return rejected
+
+
+def _result(
+    rejected: str,
+    sims: list[float],
+    tries: int,
+    unguided: bool,
+    accepted: bool,
+    plan: ContinuationPlan | None,
+    density: float,
+) -> BDHSResult:
+    return BDHSResult(
+        rejected,
+        sims[-1],
+        tries,
+        unguided,
+        accepted,
+        plan.cut_points if plan else (),
+        plan.swapped if plan else (),
+        density,
+        tuple(sims),
+    )

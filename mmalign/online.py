@@ -8,9 +8,10 @@ uninterrupted run drew, with no RNG state to save.
 from __future__ import annotations
 
 import random
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from mmalign import seeds
 
 
 def _rng(*key: int) -> random.Random:
@@ -103,7 +104,7 @@ def first_kept_pair(
 def bdhs_row_seed(seed: int, step: int, row_id: str) -> int:
     """Stable 63-bit seed of one BDHS row at one loop step (independent of sharding and
     retries), so a resumed run or a replacement sampler redraws the same masks and cuts."""
-    return (seed * 1_000_003 + step * 7_919 + zlib.crc32(row_id.encode())) % (2**63)
+    return seeds.step_row_seed(seed, step, row_id)
 
 
 def bdhs_pair(

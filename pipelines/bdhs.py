@@ -54,29 +54,6 @@ def existing_shards(out_dir: str) -> tuple[set[str], int]:
     return ids, next_index
 
 
-def operator_kwargs(cfg: Config) -> dict[str, Any]:
-    """BDHSOperator constructor arguments from the config (sampler + bdhs sections)."""
-    b = cfg.bdhs
-    return {
-        "model": cfg.sampler.model,
-        "engine": cfg.sampler.engine,
-        "vllm_gpu_memory": cfg.sampler.vllm_gpu_memory,
-        "variant": b.variant,
-        "dtype": cfg.sampler.dtype,
-        "max_new_tokens": cfg.sampler.max_new_tokens,
-        "temperature": b.temperature,
-        "rho_th": b.rho_th,
-        "n_bdhs": b.n_bdhs,
-        "eps_s": b.eps_s,
-        "noise_steps": b.noise_steps,
-        "mask_mode": b.mask_mode,
-        "embedder": b.embedder,
-        "embed_batch_size": b.embed_batch_size,
-        "splitter": b.splitter,
-        "seed": b.seed,
-    }
-
-
 def pool_kwargs(cfg: Config) -> dict[str, Any]:
     """map_batches options of the BDHSOperator pool: `sampler.concurrency` actors with the
     sampler's CPUs/GPUs, placed by `bdhs.resources` (a node-type label, e.g. sampler_node)."""
@@ -139,13 +116,7 @@ def summarize(metas: list[dict[str, Any]], written: int, quarantined: int) -> di
 
 def run_bdhs(cfg: Config) -> dict[str, Any]:
     """Generate rejected responses for `data.prompts`; returns the summary dict."""
-    import ray
-
-    from actors.embedder_pool import pool_stats, start_embedder_pool, stop_embedder_pool
-    from actors.runtime import init_ray, quiet_data_context
-    from operators.bdhs import BDHSOperator, to_preference_row
-
-    check_bdhs_engine(cfg)
+    check_bdhs_engine(cfg.sampler, cfg.bdhs)
     t0 = time.time()
     out_dir = storage.join(cfg.storage.output_dir, "bdhs")
     records, quarantine = mio.read_prompts(
@@ -159,48 +130,18 @@ def run_bdhs(cfg: Config) -> dict[str, Any]:
             "to continue it or choose another --storage.output_dir"
         )
     todo = [r for r in records if r["id"] not in done]
-    by_id = {r["id"]: r for r in todo}
     print(f"bdhs: {len(records)} prompts, {len(done)} already written, {len(todo)} to do")
 
     writer = ShardWriter(out_dir, cfg.storage.shard_rows, first_index)
     quarantine_uri = storage.join(out_dir, "_quarantine.jsonl")
-    metas: list[dict[str, Any]] = []
-    pool: list[Any] = []
+    stream = _Stream(writer, quarantine, quarantine_uri)
     embedder_stats: list[dict[str, Any]] = []
-    t_first = t_last = 0.0  # arrival of the first/last output row (steady-state rate)
     if todo:
-        init_ray(cfg.pipeline.ray_address)
-        quiet_data_context()
-        s = cfg.sampler
-        kwargs = operator_kwargs(cfg)
-        if cfg.bdhs.variant != "povid":  # POVID has no similarity gate
-            pool = start_embedder_pool(**embedder_pool_kwargs(cfg))  # beside the samplers
-            kwargs["embedder_pool"] = pool
-        items = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // s.batch_size))
-        # pool_kwargs: sizes + bdhs.resources, the node-type label (e.g. sampler_node)
-        ds = items.map_batches(BDHSOperator, fn_constructor_kwargs=kwargs, **pool_kwargs(cfg))
-        for out in _rows(ds.iter_batches(batch_size=s.batch_size, batch_format="numpy")):
-            t_last = time.time()
-            t_first = t_first or t_last
-            try:
-                if out["error"]:
-                    raise RowError(out["error"])
-                row = to_preference_row(out, by_id[out["id"]])
-            except (RowError, ValueError, KeyError) as err:
-                quarantine.append({"id": out["id"], "reason": str(err), "source": out["source"]})
-                continue
-            shards_before = writer.index
-            writer.add(row)
-            metas.append(json.loads(out["meta"]))
-            if writer.index != shards_before:  # keep the quarantine as current as the shards
-                mio.write_jsonl(quarantine, quarantine_uri)
-        writer.flush()
-        if pool:
-            embedder_stats = pool_stats(pool)
-            stop_embedder_pool(pool)
+        embedder_stats = _generate(cfg, todo, stream)
     mio.write_jsonl(quarantine, quarantine_uri)
-    summary = summarize(metas, writer.written, len(quarantine))
+    summary = summarize(stream.metas, writer.written, len(quarantine))
     seconds = time.time() - t0
+    t_first, t_last, metas = stream.t_first, stream.t_last, stream.metas
     summary.update(
         variant=cfg.bdhs.variant,
         model=cfg.sampler.model,
@@ -216,6 +157,63 @@ def run_bdhs(cfg: Config) -> dict[str, Any]:
         embedder_actors=embedder_stats,  # per embedder actor: pid, calls, texts served
     )
     return summary
+
+
+class _Stream:
+    """Where the operator's output rows go: the shards, or the quarantine with a reason."""
+
+    def __init__(self, writer: ShardWriter, quarantine: list[dict[str, Any]], uri: str) -> None:
+        self.writer, self.quarantine, self.uri = writer, quarantine, uri
+        self.metas: list[dict[str, Any]] = []
+        self.t_first = self.t_last = 0.0  # arrival of the first/last output row
+
+    def add(self, out: dict[str, Any], record: dict[str, Any]) -> None:
+        from operators.bdhs import to_preference_row
+
+        self.t_last = time.time()
+        self.t_first = self.t_first or self.t_last
+        try:
+            if out["error"]:
+                raise RowError(out["error"])
+            row = to_preference_row(out, record)
+        except (RowError, ValueError, KeyError) as err:
+            self.quarantine.append({"id": out["id"], "reason": str(err), "source": out["source"]})
+            return
+        shards_before = self.writer.index
+        self.writer.add(row)
+        self.metas.append(json.loads(out["meta"]))
+        if self.writer.index != shards_before:  # keep the quarantine as current as the shards
+            mio.write_jsonl(self.quarantine, self.uri)
+
+
+def _generate(cfg: Config, todo: list[dict[str, Any]], stream: _Stream) -> list[dict[str, Any]]:
+    """Run the BDHSOperator pool (+ the embedder pool) over `todo` into `stream`; returns the
+    embedder actors' stats."""
+    import ray
+
+    from actors.embedder_pool import pool_stats, start_embedder_pool, stop_embedder_pool
+    from actors.runtime import init_ray, quiet_data_context
+    from operators.bdhs import BDHSOperator
+
+    init_ray(cfg.pipeline.ray_address)
+    quiet_data_context()
+    s = cfg.sampler
+    pool: list[Any] = []
+    if cfg.bdhs.variant != "povid":  # POVID has no similarity gate
+        pool = start_embedder_pool(**embedder_pool_kwargs(cfg))  # beside the samplers
+    kwargs = {"sampler": s, "bdhs": cfg.bdhs, "embedder_pool": pool or None}
+    by_id = {r["id"]: r for r in todo}
+    items = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // s.batch_size))
+    # pool_kwargs: sizes + bdhs.resources, the node-type label (e.g. sampler_node)
+    ds = items.map_batches(BDHSOperator, fn_constructor_kwargs=kwargs, **pool_kwargs(cfg))
+    for out in _rows(ds.iter_batches(batch_size=s.batch_size, batch_format="numpy")):
+        stream.add(out, by_id[out["id"]])
+    stream.writer.flush()
+    if not pool:
+        return []
+    stats = pool_stats(pool)
+    stop_embedder_pool(pool)
+    return stats
 
 
 def _rows(batches: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:

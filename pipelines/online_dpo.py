@@ -56,7 +56,7 @@ def check_config(cfg: Config) -> None:
     if mode == "online-bdhs" and cfg.bdhs.variant not in ("bdhs", "bdhs-noise"):
         raise ConfigError("bdhs.variant: mode 'online-bdhs' needs 'bdhs' or 'bdhs-noise'")
     if mode == "online-bdhs":
-        check_bdhs_engine(cfg)
+        check_bdhs_engine(cfg.sampler, cfg.bdhs)
     if mode == "online-bdhs" and cfg.learner.loss == "mdpo":
         raise ConfigError(
             "learner.loss: mode 'online-bdhs' trains the two-rejected loss and needs a pair "

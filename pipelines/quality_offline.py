@@ -59,14 +59,16 @@ def bdhs_learner_rows(
     """(learner rows, stats): BDHS pairs for ShapesWorld `pref` records offset..offset+n_rows.
 
     Rows whose BDHS gate failed (or any other per-row error) are dropped and counted;
-    `bdhs` goes to BDHSOperator (rho_th, n_bdhs, eps_s, ...)."""
+    `bdhs` sets BDHSConfig fields of the BDHSOperator (rho_th, n_bdhs, eps_s, ...)."""
     from mmalign import io
+    from mmalign.config import BDHSConfig, SamplerConfig
     from mmalign.preference_rows import to_learner_row
     from operators.bdhs import BDHSOperator, as_batch, to_preference_row
 
     records, _ = io.read_prompts("shapesworld:pref", max_rows=offset + n_rows)
     records = records[offset:]
-    op = BDHSOperator(model, max_new_tokens=max_new_tokens, seed=seed, **bdhs)
+    sampler = SamplerConfig(model=model, max_new_tokens=max_new_tokens)
+    op = BDHSOperator(sampler, BDHSConfig(seed=seed, **bdhs))
     rows, errors, unguided = [], 0, 0
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
@@ -102,7 +104,7 @@ def train_policy(
     import torch
 
     from mmalign.config import LearnerConfig
-    from mmalign.engines.learner import LearnerSettings, PreferenceLearner
+    from mmalign.engines.learner import PreferenceLearner
     from mmalign.models.loading import load_model
     from mmalign.models.sft import shuffled_batches
 
@@ -122,7 +124,7 @@ def train_policy(
     )
     torch.manual_seed(seed)
     base, processor = load_model(model)
-    learner = PreferenceLearner(base, processor, LearnerSettings.from_config(cfg))
+    learner = PreferenceLearner(base, processor, cfg)
     batches = shuffled_batches(len(rows), batch_size, random.Random(seed))  # as in SFT
     history = []
     while learner.global_step < steps:

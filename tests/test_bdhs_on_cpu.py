@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from mmalign.bdhs import (
-    BDHSSettings,
     ContinuationRequest,
     assemble_rejected,
     bdhs_sample,
@@ -23,6 +22,7 @@ from mmalign.bdhs import (
     swap_yes_no,
     word_boundary_cuts,
 )
+from mmalign.config import BDHSConfig, ConfigError
 
 REFERENCE = "There is a red circle. It is left of a blue square. The background is grey."
 
@@ -147,7 +147,7 @@ def test_assemble_uses_reference_whitespace_on_cpu() -> None:
 
 def test_faithful_generation_reproduces_reference_on_cpu() -> None:
     gen = FaithfulGenerator(REFERENCE)
-    settings = BDHSSettings(n_bdhs=1, rho_th=0.5)
+    settings = BDHSConfig(n_bdhs=1, rho_th=0.5)
     res = bdhs_sample(
         REFERENCE, gen, toy_embed, np.random.default_rng(6), settings, num_image_positions=576
     )
@@ -165,7 +165,7 @@ def test_similarity_gate_on_cpu() -> None:
     # try 1 reproduces y+ (cosine 1.0 >= 0.97, rejected); try 2 hallucinates (cosine 0.6)
     gen = FaithfulGenerator(REFERENCE, hallucinate_from_call=2)
     res = bdhs_sample(
-        REFERENCE, gen, toy_embed, np.random.default_rng(7), BDHSSettings(), num_image_positions=576
+        REFERENCE, gen, toy_embed, np.random.default_rng(7), BDHSConfig(), num_image_positions=576
     )
     assert res.tries == 2 and res.accepted and not res.final_unguided
     assert res.similarities == pytest.approx((1.0, 0.6))
@@ -174,7 +174,7 @@ def test_similarity_gate_on_cpu() -> None:
     assert not np.array_equal(gen.calls[0][0].visible, gen.calls[1][0].visible)
     # the gate is strict: cosine == eps_s is not accepted
     gen = FaithfulGenerator(REFERENCE, hallucinate_from_call=1)
-    strict = BDHSSettings(n_bdhs=1, eps_s=0.6)
+    strict = BDHSConfig(n_bdhs=1, eps_s=0.6)
     res = bdhs_sample(
         REFERENCE, gen, toy_embed, np.random.default_rng(7), strict, num_image_positions=8
     )
@@ -183,7 +183,7 @@ def test_similarity_gate_on_cpu() -> None:
 
 def test_final_try_is_unguided_and_accepted_on_cpu() -> None:
     gen = FaithfulGenerator(REFERENCE)  # never passes the gate
-    settings = BDHSSettings(n_bdhs=3, rho_th=1.0)
+    settings = BDHSConfig(n_bdhs=3, rho_th=1.0)
     res = bdhs_sample(
         REFERENCE, gen, toy_embed, np.random.default_rng(8), settings, num_image_positions=576
     )
@@ -197,12 +197,14 @@ def test_final_try_is_unguided_and_accepted_on_cpu() -> None:
 
 
 def test_settings_validation_on_cpu() -> None:
-    with pytest.raises(ValueError, match="rho_th"):
-        BDHSSettings(rho_th=1.5)
-    with pytest.raises(ValueError, match="mask_mode"):
-        BDHSSettings(mask_mode="hide")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="n_bdhs"):
-        BDHSSettings(n_bdhs=0)
+    with pytest.raises(ConfigError, match=r"bdhs\.rho_th"):
+        BDHSConfig(rho_th=1.5).validate("bdhs")
+    with pytest.raises(ConfigError, match=r"bdhs\.mask_mode"):
+        BDHSConfig(mask_mode="hide").validate("bdhs")
+    with pytest.raises(ConfigError, match=r"bdhs\.n_bdhs"):
+        BDHSConfig(n_bdhs=0).validate("bdhs")
+    with pytest.raises(ConfigError, match=r"bdhs\.swap_prob"):
+        BDHSConfig(swap_prob=1.5).validate("bdhs")
 
 
 class RowScriptGenerator:
@@ -236,7 +238,7 @@ def test_batched_rows_finish_at_different_tries_on_cpu() -> None:
         embed_calls.append(list(texts))
         return toy_embed(texts)
 
-    settings = BDHSSettings(n_bdhs=4, rho_th=0.5, swap_prob=0.0)
+    settings = BDHSConfig(n_bdhs=4, rho_th=0.5, swap_prob=0.0)
     rngs = [np.random.default_rng(s) for s in (1, 2, 3)]
     res = bdhs_sample_batch(refs, gen, embed, rngs, settings, num_image_positions=16)
     # row 0 accepted at try 1, row 1 at try 3, row 2 exhausts guided tries -> unguided try 4
@@ -258,7 +260,7 @@ def test_batched_row_exhausting_tries_without_final_unguided_on_cpu() -> None:
     # n_bdhs == 1: no unguided try; a row failing the gate is returned not accepted
     refs = [REFERENCE, "A grey sky."]
     gen = RowScriptGenerator(refs, hallucinate_at=[None, 1])
-    settings = BDHSSettings(n_bdhs=1, rho_th=0.5)
+    settings = BDHSConfig(n_bdhs=1, rho_th=0.5)
     rngs = [np.random.default_rng(s) for s in (4, 5)]
     res = bdhs_sample_batch(refs, gen, toy_embed, rngs, settings, num_image_positions=8)
     assert [r.accepted for r in res] == [False, True]
@@ -269,7 +271,7 @@ def test_batched_row_exhausting_tries_without_final_unguided_on_cpu() -> None:
 def test_batched_equals_per_row_reference_on_cpu() -> None:
     # same rngs -> same masks, cuts, swaps and results as bdhs_sample row by row
     refs = [REFERENCE, "No. There is no circle.", "Yes, a square."]
-    settings = BDHSSettings(n_bdhs=3, rho_th=0.7)
+    settings = BDHSConfig(n_bdhs=3, rho_th=0.7)
     hall = [2, None, 1]
     batched = bdhs_sample_batch(
         refs,

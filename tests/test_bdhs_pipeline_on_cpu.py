@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mmalign import io as mio
-from mmalign.config import load
+from mmalign.config import BDHSConfig, SamplerConfig, load
 from mmalign.schema import PREFERENCE_SCHEMA
 from operators.bdhs import (
     OUTPUT_COLUMNS,
@@ -29,6 +29,12 @@ from operators.bdhs import (
 
 TRAINED = Path(__file__).resolve().parents[1] / "assets/models/shapes-llava-small"
 SMALL = {"max_new_tokens": 8, "n_bdhs": 2, "splitter": "regex"}
+
+
+def _op(model: str, max_new_tokens: int = 64, batched: bool = True, **bdhs: Any) -> BDHSOperator:
+    """The operator over the config sections: sampler.max_new_tokens, bdhs.* fields."""
+    sampler = SamplerConfig(model=model, max_new_tokens=max_new_tokens)
+    return BDHSOperator(sampler, BDHSConfig(**bdhs), batched=batched)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def records() -> list[dict[str, Any]]:
 
 
 def test_operator_bdhs_on_dict_batch_on_cpu(model_dir: str, records: list[dict]) -> None:
-    op = BDHSOperator(model_dir, variant="bdhs", **SMALL)
+    op = _op(model_dir, variant="bdhs", **SMALL)
     rows = records + bad_records(records[0])
     out = op(as_batch(rows))
     assert tuple(out) == OUTPUT_COLUMNS
@@ -100,7 +106,7 @@ def assert_same_meta(a: str, b: str) -> None:
 
 
 def test_operator_povid_on_dict_batch_on_cpu(model_dir: str, records: list[dict]) -> None:
-    op = BDHSOperator(model_dir, variant="povid", max_new_tokens=8)
+    op = _op(model_dir, variant="povid", max_new_tokens=8)
     rows = [
         {**records[0], "rejected": "There is a red star."},
         records[1],
@@ -115,7 +121,7 @@ def test_operator_povid_on_dict_batch_on_cpu(model_dir: str, records: list[dict]
 
 
 def test_operator_bdhs_noise_on_dict_batch_on_cpu(model_dir: str, records: list[dict]) -> None:
-    op = BDHSOperator(model_dir, variant="bdhs-noise", **SMALL)
+    op = _op(model_dir, variant="bdhs-noise", **SMALL)
     out = op(as_batch(records[:2]))
     assert list(out["error"]) == ["", ""] and all(out["rejected"])
     meta = json.loads(out["meta"][0])
@@ -203,8 +209,8 @@ def test_operator_batched_equals_per_row_on_cpu(model_dir: str, records: list[di
     """Rows stepping together (one generate + one embed call per try) give the per-row
     reference loop's output for a fixed seed under greedy decoding."""
     kw = {**SMALL, "n_bdhs": 3, "rho_th": 0.5, "seed": 3}
-    batched = BDHSOperator(model_dir, variant="bdhs", batched=True, **kw)(as_batch(records))
-    per_row = BDHSOperator(model_dir, variant="bdhs", batched=False, **kw)(as_batch(records))
+    batched = _op(model_dir, variant="bdhs", batched=True, **kw)(as_batch(records))
+    per_row = _op(model_dir, variant="bdhs", batched=False, **kw)(as_batch(records))
     assert list(batched["rejected"]) == list(per_row["rejected"])
     assert list(batched["error"]) == list(per_row["error"])
     for a, b in zip(batched["meta"], per_row["meta"], strict=True):
@@ -219,7 +225,7 @@ def test_rejected_hallucinate_more_than_chosen(model_dir: str) -> None:
     good, _ = mio.read_prompts("shapesworld:pref", max_rows=60)
     describe = [r for r in good if len(r["objects"]) and r["reference"].count(".") > 1][:12]
     assert len(describe) >= 6
-    out = BDHSOperator(model_dir, variant="bdhs", max_new_tokens=16, n_bdhs=3)(as_batch(describe))
+    out = _op(model_dir, variant="bdhs", max_new_tokens=16, n_bdhs=3)(as_batch(describe))
     vocab = shapes_vocabulary()
 
     def hallucinates(text: str, objects: list[str]) -> bool:

@@ -59,6 +59,12 @@ def test_dotted_overrides_and_types() -> None:
         ({"learner.betta": "0.1"}, "learner.betta"),
         ({"judge.both_orders": "maybe"}, "judge.both_orders"),
         ({"learner.rpo_alpha": "-0.5"}, "learner.rpo_alpha"),
+        ({"learner.beta": "inf"}, "learner.beta"),
+        ({"learner.max_grad_norm": "nan"}, "learner.max_grad_norm"),
+        ({"bdhs.swap_prob": "1.5"}, "bdhs.swap_prob"),
+        ({"learner.weight_decay": "-1"}, "learner.weight_decay"),
+        ({"learner.max_response_tokens": "-1"}, "learner.max_response_tokens"),
+        ({"learner.shuffle_window": "-1"}, "learner.shuffle_window"),
     ],
 )
 def test_bad_values_name_the_field(overrides: dict, field: str) -> None:
@@ -87,18 +93,51 @@ def test_cli_help_lists_every_field_with_its_doc() -> None:
         assert " ".join(doc.split())[:40] in flat, name
 
 
-def test_cli_error_exits_2_naming_field() -> None:
+def test_fields_users_could_not_set_before() -> None:
+    cfg = C.load(
+        None,
+        {
+            "learner.gradient_checkpointing": "true",
+            "learner.max_response_tokens": "32",
+            "learner.weight_decay": "0.01",
+            "learner.shuffle_window": "0",
+            "bdhs.swap_prob": "0.0",
+        },
+    )
+    assert cfg.learner.gradient_checkpointing and cfg.learner.max_response_tokens == 32
+    assert (cfg.learner.weight_decay, cfg.learner.shuffle_window) == (0.01, 0)
+    assert cfg.bdhs.swap_prob == 0.0
+    default = C.Config()
+    assert (default.learner.lr, default.learner.shuffle_window, default.bdhs.swap_prob) == (
+        5e-6,
+        256,
+        0.5,
+    )
+
+
+def test_python_m_config_prints_the_doc() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "mmalign.config"], capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    assert out == (ROOT / "docs" / "CONFIG.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("x", "learner.beta"), ("inf", "learner.beta: expected finite float")],
+)
+def test_cli_error_exits_2_naming_field(value: str, message: str) -> None:
     proc = subprocess.run(
         [
             sys.executable,
             "-c",
-            "from mmalign.config import parse_args; parse_args(['--learner.beta', 'x'])",
+            f"from mmalign.config import parse_args; parse_args(['--learner.beta', {value!r}])",
         ],
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
-    assert proc.returncode == 2 and "learner.beta" in proc.stderr
+    assert proc.returncode == 2 and message in proc.stderr
 
 
 def test_config_doc_is_generated_from_the_dataclasses() -> None:

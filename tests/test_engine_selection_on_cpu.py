@@ -18,7 +18,7 @@ import torch
 from mmalign import config as C
 from mmalign.engines import factory
 from mmalign.engines.hf_generation import HFGenerationEngine
-from mmalign.engines.learner import LearnerSettings, PreferenceLearner
+from mmalign.engines.learner import PreferenceLearner
 from mmalign.engines.vllm_generation import (
     VLLMGenerationEngine,
     split_adapter_state,
@@ -34,7 +34,7 @@ def test_bdhs_runs_refuse_vllm_with_mask_semantics_on_cpu() -> None:
 
     cfg = C.load(None, {"sampler.engine": "vllm"})  # bdhs.mask_mode defaults to "mask"
     with pytest.raises(C.ConfigError, match=r"^bdhs\.mask_mode: must be 'drop' when sampler"):
-        C.check_bdhs_engine(cfg)
+        C.check_bdhs_engine(cfg.sampler, cfg.bdhs)
     online_bdhs = {"sampler.engine": "vllm", "pipeline.mode": "online-bdhs"}
     online_bdhs["data.offline_pairs"] = "pairs.parquet"
     with pytest.raises(C.ConfigError, match=r"^bdhs\.mask_mode"):
@@ -43,8 +43,9 @@ def test_bdhs_runs_refuse_vllm_with_mask_semantics_on_cpu() -> None:
     mdpo = {"pipeline.mode": "online-bdhs", "data.offline_pairs": "p.parquet"}
     with pytest.raises(C.ConfigError, match=r"^learner\.loss: mode 'online-bdhs'"):
         check_config(C.load(None, {**mdpo, "learner.loss": "mdpo"}))
-    C.check_bdhs_engine(C.load(None, {"sampler.engine": "vllm", "bdhs.variant": "povid"}))
-    C.check_bdhs_engine(C.load(None, {"sampler.engine": "vllm", "bdhs.mask_mode": "drop"}))
+    for ok in ({"bdhs.variant": "povid"}, {"bdhs.mask_mode": "drop"}):
+        ok_cfg = C.load(None, {"sampler.engine": "vllm", **ok})
+        C.check_bdhs_engine(ok_cfg.sampler, ok_cfg.bdhs)
     preset = C.load(str(C.EMBEDDED_PRESET.parent / "llava-1.6-7b.yaml"))
     assert (preset.sampler.engine, preset.bdhs.mask_mode, preset.judge.engine) == (
         "vllm",
@@ -85,20 +86,14 @@ def test_judge_and_bdhs_operator_use_the_configured_engine_on_cpu(calls: Calls) 
     judge = JudgeEngine.from_config(cfg)
     assert judge.kind == "vlm" and calls[-1] == ("vllm", "judge-dir")
     pool = [object()]  # an embedder pool handle: the operator loads no embedder
-    BDHSOperator(
-        "policy-dir",
-        "bdhs",
-        engine="vllm",
-        mask_mode="drop",
-        embedder_pool=pool,
-        vllm_gpu_memory=0.7,
-    )
+    vllm = C.SamplerConfig(model="policy-dir", engine="vllm", vllm_gpu_memory=0.7)
+    BDHSOperator(vllm, C.BDHSConfig(variant="bdhs", mask_mode="drop"), embedder_pool=pool)
     assert calls[-1] == ("vllm", "policy-dir")
     assert calls.memory == [0.3, 0.7]  # each config's share reaches the factory
-    BDHSOperator("policy-dir", "povid", engine="vllm")  # one HF forward: vLLM adds nothing
+    BDHSOperator(vllm, C.BDHSConfig(variant="povid"))  # one HF forward: vLLM adds nothing
     assert calls[-1] == ("hf", "policy-dir")
-    with pytest.raises(ValueError, match="bdhs.mask_mode='mask'"):
-        BDHSOperator("policy-dir", "bdhs", engine="vllm", mask_mode="mask", embedder_pool=pool)
+    with pytest.raises(ValueError, match=r"bdhs\.mask_mode: must be 'drop'"):
+        BDHSOperator(vllm, C.BDHSConfig(variant="bdhs", mask_mode="mask"), embedder_pool=pool)
     assert len(calls) == 3, "the mask refusal must come before the model is loaded"
 
 
@@ -125,9 +120,13 @@ def test_missing_vllm_raises_a_clear_import_error_on_cpu() -> None:
     with pytest.raises(ImportError, match=hint):
         JudgeEngine.from_config(C.JudgeConfig(engine="vllm", model="/no/such/model"))
     with pytest.raises(ImportError, match=hint):
-        BDHSOperator("/no/such/model", engine="vllm", mask_mode="drop", embedder_pool=[object()])
+        BDHSOperator(
+            C.SamplerConfig(model="/no/such/model", engine="vllm"),
+            C.BDHSConfig(mask_mode="drop"),
+            embedder_pool=[object()],
+        )
     with pytest.raises(ImportError, match=hint):
-        PolicySampler(None, None, LearnerSettings(lora_rank=4, lora_alpha=8), engine="vllm")
+        PolicySampler(None, None, C.LearnerConfig(lora_r=4, lora_alpha=8), engine="vllm")
     with pytest.raises(ValueError, match="sampler.engine must be one of"):
         PolicySampler(None, None, None, engine="tgi")
 
@@ -143,7 +142,7 @@ def test_split_adapter_state_of_a_learner_with_projector_on_cpu() -> None:
 
     model, processor = build_tiny_llava("small", seed=0)
     names = set(model.state_dict())
-    settings = LearnerSettings(lora_rank=4, lora_alpha=8, train_projector=True)
+    settings = C.LearnerConfig(lora_r=4, lora_alpha=8, projector_lr=1e-6)
     state = PreferenceLearner(model, processor, settings).adapter_state()
     lora, projector = split_adapter_state(state)
     assert len(lora) + len(projector) == len(state) and lora and projector

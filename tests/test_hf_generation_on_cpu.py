@@ -261,7 +261,8 @@ def test_teacher_forced_argmax_under_noise_on_cpu(engine: HFGenerationEngine) ->
 
 
 def test_bdhs_generate_fn_on_cpu(engine: HFGenerationEngine) -> None:
-    from mmalign.bdhs import BDHSSettings, bdhs_sample
+    from mmalign.bdhs import bdhs_sample
+    from mmalign.config import BDHSConfig
 
     image = _images(1)[0]
     reference = "There is a red circle. It is left of a blue square."
@@ -277,7 +278,7 @@ def test_bdhs_generate_fn_on_cpu(engine: HFGenerationEngine) -> None:
         generate_fn,
         embed,
         np.random.default_rng(0),
-        BDHSSettings(rho_th=0.99, n_bdhs=2),
+        BDHSConfig(rho_th=0.99, n_bdhs=2),
         num_image_positions=engine.num_image_tokens,
     )
     assert res.final_unguided and res.tries == 2 and res.rejected

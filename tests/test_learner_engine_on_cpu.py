@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from mmalign.engines.learner import LearnerSettings, PreferenceLearner, lr_factor
+from mmalign.config import ConfigError, LearnerConfig
+from mmalign.engines.learner import PreferenceLearner, lr_factor
 from mmalign.logprobs import build_response_batch, model_response_logps
 
 
@@ -34,9 +35,10 @@ ROW2 = {
     "rejected": "There is a red circle.",
 }
 
-# Small LoRA and a large constant rate so a handful of steps visibly moves the tiny model.
-FAST = LearnerSettings(
-    lora_rank=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2, lr_schedule="constant"
+# Small LoRA and a large constant rate so a handful of steps visibly moves the tiny model
+# (steps=1000: the cosine horizon these tests were written against).
+FAST = LearnerConfig(
+    lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=1e-2, schedule="constant", steps=1000
 )
 
 
@@ -72,22 +74,31 @@ def test_lr_factor_hand_numbers_on_cpu() -> None:
 
 
 def test_settings_validation_names_field_on_cpu() -> None:
-    with pytest.raises(ValueError, match="LearnerSettings.beta"):
-        LearnerSettings(beta=0.0)
-    with pytest.raises(ValueError, match="LearnerSettings.loss"):
-        LearnerSettings(loss="kto")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"learner\.beta"):
+        LearnerConfig(beta=0.0).validate("learner")
+    with pytest.raises(ConfigError, match=r"learner\.loss"):  # the learner validates too
+        PreferenceLearner(*_base(), LearnerConfig(loss="kto"))
 
 
-def test_settings_from_lead_config_on_cpu() -> None:
-    from mmalign.config import LearnerConfig
-
-    cfg = LearnerConfig(lr=2e-6, projector_lr=1e-5, reference="separate", max_grad_norm=0.0)
-    s = LearnerSettings.from_config(cfg, gradient_checkpointing=True)
-    assert (s.learning_rate, s.train_projector, s.projector_learning_rate) == (2e-6, True, 1e-5)
-    assert s.reference == "separate" and s.max_grad_norm is None and s.gradient_checkpointing
-    assert s.lora_rank == cfg.lora_r and s.total_steps == cfg.steps
-    frozen = LearnerSettings.from_config(LearnerConfig())
-    assert not frozen.train_projector and frozen.reference == "adapters_off"
+def test_learner_takes_the_config_section_on_cpu() -> None:
+    cfg = LearnerConfig(
+        lr=2e-6,
+        projector_lr=1e-5,
+        reference="separate",
+        max_grad_norm=0.0,
+        gradient_checkpointing=True,
+        lora_r=8,
+        lora_alpha=16,
+    )
+    learner = PreferenceLearner(*_base(), cfg)
+    assert learner.settings is cfg  # no second settings object
+    assert [g["lr"] for g in learner.optimizer.param_groups] == [2e-6, 1e-5]
+    assert learner.ref_model is not None and learner.model.is_gradient_checkpointing
+    assert learner.model.peft_config["default"].r == cfg.lora_r
+    assert learner.scheduler.lr_lambdas[0](cfg.steps) == 0.0  # cosine ends at learner.steps
+    assert learner.step([ROW])["grad_norm"] > 0  # max_grad_norm 0: no clipping, still steps
+    frozen = PreferenceLearner(*_base(), LearnerConfig(lora_r=8, lora_alpha=16))
+    assert len(frozen.optimizer.param_groups) == 1 and frozen.ref_model is None
 
 
 def test_dpo_steps_raise_reward_margin_on_cpu() -> None:
@@ -106,7 +117,7 @@ def test_dpo_steps_raise_reward_margin_on_cpu() -> None:
 
 
 def test_only_lora_and_projector_change_on_cpu() -> None:
-    learner, base = _learner(train_projector=True, projector_learning_rate=5e-3)
+    learner, base = _learner(projector_lr=5e-3)
     assert [g["lr"] for g in learner.optimizer.param_groups] == [1e-2, 5e-3]
     names = [n for n, p in learner.model.named_parameters() if p.requires_grad]
     assert not any("vision_tower" in n for n in names)  # CLIP's q/k/v_proj get no LoRA
@@ -127,7 +138,7 @@ def test_only_lora_and_projector_change_on_cpu() -> None:
 
 
 def test_frozen_projector_stays_put_on_cpu() -> None:
-    learner, base = _learner(train_projector=False)
+    learner, base = _learner(projector_lr=0.0)
     for _ in range(2):
         learner.step([ROW])
     state = learner.model.base_model.model.model.multi_modal_projector.state_dict()
@@ -136,9 +147,9 @@ def test_frozen_projector_stays_put_on_cpu() -> None:
     assert len(learner.optimizer.param_groups) == 1
 
 
-@pytest.mark.parametrize("reference", ["adapters_off", "separate"])
+@pytest.mark.parametrize("reference", ["adapters-off", "separate"])
 def test_reference_logps_equal_base_model_on_cpu(reference: str) -> None:
-    learner, base = _learner(train_projector=True, reference=reference)
+    learner, base = _learner(projector_lr=1e-2, reference=reference)
     for _ in range(3):
         learner.step([ROW, ROW2])
     batch = _batch(learner, [ROW, ROW2])
@@ -152,9 +163,7 @@ def test_reference_logps_equal_base_model_on_cpu(reference: str) -> None:
 def test_state_dict_round_trip_gives_identical_next_step_on_cpu() -> None:
     # Mid-accumulation save (3 micro-steps, accum 2), warmup+cosine and LoRA dropout, so the
     # pending gradient, scheduler position and RNG all have to come back.
-    settings = dict(
-        grad_accum_steps=2, lr_schedule="cosine", warmup_steps=1, total_steps=5, lora_dropout=0.2
-    )
+    settings = dict(grad_accum=2, schedule="cosine", warmup_steps=1, steps=5, lora_dropout=0.2)
     a, _ = _learner(**settings)
     for _ in range(3):
         a.step([ROW, ROW2])
@@ -168,7 +177,7 @@ def test_state_dict_round_trip_gives_identical_next_step_on_cpu() -> None:
     for (n, pa), (_, pb) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(pa, pb), n
     assert a.scheduler.get_last_lr() == b.scheduler.get_last_lr()
-    with pytest.raises(ValueError, match="different LearnerSettings"):
+    with pytest.raises(ValueError, match="different learner settings"):
         _learner()[0].load_state_dict(state)
 
 
@@ -177,9 +186,9 @@ def test_grad_accumulation_equals_one_big_batch_on_cpu() -> None:
     # float noise in near-zero gradients into full-size differences.
     # one: accum 2, one call on [ROW, ROW2] -> grad = mean_grad / 2
     # two: accum 4, calls on [ROW] and [ROW2] -> grad = (g_ROW + g_ROW2) / 4 = mean_grad / 2
-    one, _ = _learner(grad_accum_steps=2)
+    one, _ = _learner(grad_accum=2)
     assert one.step([ROW, ROW2])["stepped"] == 0.0
-    two, _ = _learner(grad_accum_steps=4)
+    two, _ = _learner(grad_accum=4)
     two.step([ROW])
     assert two.step([ROW2])["stepped"] == 0.0
     grads = 0
@@ -222,8 +231,8 @@ def test_two_rejected_and_mdpo_steps_on_cpu() -> None:
 
 
 def test_gradient_checkpointing_same_loss_and_grads_on_cpu() -> None:
-    plain, _ = _learner(grad_accum_steps=2)
-    ckpt, _ = _learner(grad_accum_steps=2, gradient_checkpointing=True)
+    plain, _ = _learner(grad_accum=2)
+    ckpt, _ = _learner(grad_accum=2, gradient_checkpointing=True)
     assert plain.step([ROW, ROW2])["loss"] == pytest.approx(ckpt.step([ROW, ROW2])["loss"])
     for (n, p1), (_, p2) in zip(plain.model.named_parameters(), ckpt.model.named_parameters()):
         if p1.grad is not None:
@@ -234,7 +243,7 @@ def test_gradient_checkpointing_same_loss_and_grads_on_cpu() -> None:
 def test_adapter_export_and_weight_sync_on_cpu(tmp_path) -> None:
     from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
-    learner, _ = _learner(train_projector=True)
+    learner, _ = _learner(projector_lr=1e-2)
     for _ in range(3):
         learner.step([ROW])
     batch = _batch(learner, [ROW, ROW2])

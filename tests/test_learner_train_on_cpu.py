@@ -240,10 +240,8 @@ def test_two_workers_match_one_on_the_global_batch_on_cpu(
     import ray.data
 
     rows = _rows(4)  # the whole dataset is one global batch: 2 rows per worker per step
-    learner = dataclasses.replace(TINY, batch_size=4, num_workers=2, steps=2)
-    loop = TrainLoopConfig(
-        model=model_dir, learner=learner, dtype=LOOP_DTYPE, checkpoint_every=1, shuffle_window=0
-    )
+    learner = dataclasses.replace(TINY, batch_size=4, num_workers=2, steps=2, shuffle_window=0)
+    loop = TrainLoopConfig(model=model_dir, learner=learner, dtype=LOOP_DTYPE, checkpoint_every=1)
     result = make_trainer(loop, ray.data.from_items(rows), checkpoints=str(tmp_path / "ck")).fit()
 
     assert os.path.basename(result.checkpoint.path) == "step_000002"
@@ -283,13 +281,13 @@ def test_stop_and_resume_equals_an_uninterrupted_run_on_cpu(
         schedule="cosine",
         warmup_steps=1,
         lr=1e-2,
+        shuffle_window=4,
     )
     loop = TrainLoopConfig(
         model=model_dir,
         learner=learner,
         dtype=LOOP_DTYPE,
         checkpoint_every=2,
-        shuffle_window=4,
         output_dir=str(tmp_path / "out"),
     )
     ckpts = str(tmp_path / "ck")

@@ -43,15 +43,15 @@ def test_online_bdhs_engine_follows_the_policy_weights_on_cpu() -> None:
     import torch
 
     from mmalign.engines import online_bdhs
-    from mmalign.engines.learner import LearnerSettings
     from mmalign.engines.policy import PolicySampler
     from mmalign.models.loading import load_model
     from mmalign.shapes.records import shapes_rows
 
     model, processor = load_model(str(POLICY), "float32", "cpu")
-    policy = PolicySampler(model, processor, LearnerSettings(lora_rank=4, lora_alpha=8))
+    policy = PolicySampler(model, processor, config.LearnerConfig(lora_r=4, lora_alpha=8))
     bdhs_cfg = config.BDHSConfig(n_bdhs=2, splitter="regex", rho_th=0.99)
-    engine = online_bdhs.from_config(policy, bdhs_cfg, max_new_tokens=16, device="cpu")
+    sampler_cfg = config.SamplerConfig(max_new_tokens=16)
+    engine = online_bdhs.from_config(policy, sampler_cfg, bdhs_cfg, device="cpu")
     raw = shapes_rows("pref", max_rows=2)
     args = (
         [r["conversations"][0]["value"].split("\n", 1)[-1] for r in raw],
@@ -69,7 +69,7 @@ def test_online_bdhs_engine_follows_the_policy_weights_on_cpu() -> None:
     policy.load_adapter(state, version=1)
     assert [r.rejected for r in engine.rejected(*args)] != [r.rejected for r in first]
     bad = engine.rejected(["Describe."], [b"not an image"], ["A red cross."], [0])[0]
-    assert bad.error.startswith("bdhs: ") and bad.rejected == ""
+    assert bad.error.startswith("images: unreadable") and bad.rejected == ""
 
 
 @pytest.mark.ray

@@ -202,12 +202,12 @@ def test_policy_sampler_vllm_sync_matches_hf_sampler_on_cpu(models: dict[str, An
     that computes the embeddings) gives HF's greedy outputs, version after version."""
     import os.path
 
-    from mmalign.engines.learner import LearnerSettings
+    from mmalign.config import LearnerConfig
     from mmalign.engines.policy import PolicySampler
 
     vllm_engine, processor = models["vllm"], models["processor"]
     model = vllm_engine.model  # earlier tests may have updated the shared weights
-    settings = LearnerSettings(lora_rank=8, lora_alpha=16, train_projector=True)
+    settings = LearnerConfig(lora_r=8, lora_alpha=16, projector_lr=1e-6)
     hf = PolicySampler(copy.deepcopy(model), processor, settings)
     vl = PolicySampler.over_vllm_engine(vllm_engine, settings)
     projector = {k: v.clone() for k, v in model.state_dict().items() if "projector" in k}

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from mmalign import storage
+from mmalign import seeds, storage
 from mmalign.engines.learner import PreferenceLearner
 
 T = TypeVar("T")
@@ -84,7 +84,7 @@ def micro_batches(rows: Iterable[T], size: int) -> Iterator[list[T]]:
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Shuffle seed of one worker's epoch."""
-    return (seed * 1_000_003 + epoch) * 1009 + rank
+    return seeds.epoch_seed(seed, epoch, rank)
 
 
 def worker_seed(seed: int, rank: int) -> int:

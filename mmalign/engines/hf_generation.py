@@ -11,19 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from mmalign.bdhs import BatchGenerateFn, ContinuationRequest, GenerateFn
 from mmalign.engines.mm_inputs import MaskMode, MMBatch, VLRequest, build_mm_batch, model_device
 
+if TYPE_CHECKING:
+    from mmalign.config import SamplerConfig
+
 FinishReason = Literal["stop", "eos", "length"]
 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Decoding knobs for one generate() call.
+    """Decoding knobs for one generate() call (a value object, not user config: built from
+    the validated config sections, SamplingSettings.for_sampler or the BDHS engine, or by
+    code with fixed values, so it does not validate again).
 
     Attributes:
         max_new_tokens: hard cap on generated tokens per row.
@@ -40,19 +45,10 @@ class SamplingSettings:
     stop_strings: tuple[str, ...] = (".",)
     mask_mode: MaskMode = "mask"
 
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(
-                f"SamplingSettings.max_new_tokens must be >= 1, got {self.max_new_tokens}"
-            )
-        if self.temperature < 0:
-            raise ValueError(f"SamplingSettings.temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingSettings.top_p must be in (0, 1], got {self.top_p}")
-        if self.mask_mode not in ("mask", "drop"):
-            raise ValueError(
-                f"SamplingSettings.mask_mode must be 'mask' or 'drop', got {self.mask_mode!r}"
-            )
+    @classmethod
+    def for_sampler(cls, sampler: SamplerConfig) -> SamplingSettings:
+        """The online samplers' decoding (config section `sampler`): no stop strings."""
+        return cls(sampler.max_new_tokens, sampler.temperature, sampler.top_p, stop_strings=())
 
 
 @dataclass(frozen=True)

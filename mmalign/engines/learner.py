@@ -15,14 +15,14 @@ import contextlib
 import copy
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import asdict
+from typing import Any
 
 import torch
 
+from mmalign.config import LearnerConfig
 from mmalign.logprobs import build_response_batch, model_response_logps, split_groups
 from mmalign.losses import (
-    LOSS_NAMES,
     PairLossOutput,
     chosen_nll,
     mdpo_loss,
@@ -30,113 +30,6 @@ from mmalign.losses import (
     preference_loss,
     two_rejected_loss,
 )
-
-_LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class LearnerSettings:
-    """Settings of the preference learner (moves into mmalign.config later)."""
-
-    loss: Literal["dpo", "ipo", "slic", "mdpo"] = "dpo"
-    """Preference loss. "mdpo" ranks a row's "responses" (best first), or its [chosen,
-    rejected] pair as K = 2; rows with "rejected_extra" need a pair loss."""
-    beta: float = 0.1
-    """Loss temperature (DPO/MDPO beta, IPO tau, SLiC hinge scale); > 0."""
-    gamma: float = 0.5
-    """Weight of the primary rejected response in the two-rejected loss; in [0, 1]."""
-    rpo_alpha: float = 0.0
-    """Weight of the per-token NLL of the chosen answer added to the loss (RPO); >= 0."""
-    lora_rank: int = 128
-    """LoRA rank on the language model ([ALIGN] App. A: 128)."""
-    lora_alpha: int = 256
-    """LoRA alpha ([ALIGN] App. A: 256); the update is scaled by alpha / rank."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA input path only (the base model's own dropout is untouched)."""
-    lora_target_modules: tuple[str, ...] = _LLM_LINEAR
-    """Linear-layer names that get LoRA, matched only inside the language model (the CLIP
-    tower has q_proj/k_proj/v_proj too and must stay frozen)."""
-    learning_rate: float = 1e-6
-    """Peak learning rate of the LoRA weights ([ALIGN] grid: 1e-7, 5e-7, 1e-6, 5e-6)."""
-    train_projector: bool = False
-    """Also train the multimodal projector (fully, not LoRA)."""
-    projector_learning_rate: float | None = None
-    """Peak learning rate of the projector; None means `learning_rate`."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    grad_accum_steps: int = 1
-    """Micro-batches (calls of `step`) per optimizer step."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this before each optimizer step; None disables."""
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    """After warmup: cosine decay to 0 at `total_steps`, or constant."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warmup from 0 to the peak rate."""
-    total_steps: int = 1000
-    """Optimizer steps of the whole run (cosine horizon)."""
-    reference: Literal["adapters_off", "separate"] = "adapters_off"
-    """Reference log-probs from the policy with LoRA (and projector copy) disabled (no extra
-    memory), or from a separate frozen model (a deep copy of the base unless one is given)."""
-    bf16_autocast: bool = True
-    """bf16 autocast for forwards; only ever applied on CUDA."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward (for 7B-size models)."""
-    padding_side: Literal["left", "right"] = "right"
-    """Batch padding side; log-probs do not depend on it (explicit position_ids)."""
-    max_response_tokens: int | None = None
-    """Truncate each response to this many tokens (incl. EOS); None keeps all."""
-    seed: int = 0
-    """Seed of the LoRA initialisation."""
-
-    def __post_init__(self) -> None:
-        checks = {
-            "loss": self.loss in (*LOSS_NAMES, "mdpo"),
-            "beta": self.beta > 0,
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "rpo_alpha": self.rpo_alpha >= 0.0,
-            "lora_rank": self.lora_rank > 0,
-            "lora_dropout": 0.0 <= self.lora_dropout < 1.0,
-            "learning_rate": self.learning_rate >= 0,
-            "grad_accum_steps": self.grad_accum_steps >= 1,
-            "lr_schedule": self.lr_schedule in ("cosine", "constant"),
-            "warmup_steps": self.warmup_steps >= 0,
-            "total_steps": self.total_steps >= 1,
-            "reference": self.reference in ("adapters_off", "separate"),
-            "padding_side": self.padding_side in ("left", "right"),
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"LearnerSettings.{name}: invalid value {getattr(self, name)!r}")
-
-    @classmethod
-    def from_config(cls, cfg: Any, **extra: Any) -> LearnerSettings:
-        """Map `mmalign.config.LearnerConfig` onto these settings (until the two merge).
-
-        projector_lr 0 means a frozen projector; max_grad_norm 0 means no clipping. `extra`
-        sets fields the config does not have yet (gradient_checkpointing, padding_side,
-        max_response_tokens, weight_decay, bf16_autocast).
-        """
-        return cls(
-            loss=cfg.loss,
-            beta=cfg.beta,
-            gamma=cfg.gamma,
-            rpo_alpha=cfg.rpo_alpha,
-            lora_rank=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            lora_target_modules=tuple(cfg.lora_targets),
-            learning_rate=cfg.lr,
-            train_projector=cfg.projector_lr > 0,
-            projector_learning_rate=cfg.projector_lr if cfg.projector_lr > 0 else None,
-            grad_accum_steps=cfg.grad_accum,
-            max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm > 0 else None,
-            lr_schedule=cfg.schedule,
-            warmup_steps=cfg.warmup_steps,
-            total_steps=cfg.steps,
-            reference=cfg.reference.replace("-", "_"),
-            seed=cfg.seed,
-            **extra,
-        )
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -189,36 +82,53 @@ def cuda_bf16_autocast(device: torch.device, enabled: bool = True) -> Any:
     return contextlib.nullcontext()
 
 
-def lora_config(s: LearnerSettings) -> Any:
+def lora_config(s: LearnerConfig) -> Any:
     """The peft LoraConfig of these settings; samplers wrap their model with the same one so
     `adapter_state()` loads into them with `set_peft_model_state_dict`."""
     from peft import LoraConfig
 
     # Full-match regex so CLIP's q/k/v_proj stay frozen: LoRA goes on the LLM only.
-    target = rf".*language_model\..*\.({'|'.join(s.lora_target_modules)})"
+    target = rf".*language_model\..*\.({'|'.join(s.lora_targets)})"
     return LoraConfig(
-        r=s.lora_rank,
+        r=s.lora_r,
         lora_alpha=s.lora_alpha,
         lora_dropout=s.lora_dropout,
         target_modules=target,
         # modules_to_save keeps the original projector for the adapters-off reference.
-        modules_to_save=["multi_modal_projector"] if s.train_projector else None,
+        modules_to_save=["multi_modal_projector"] if s.projector_lr > 0 else None,
     )
+
+
+# LearnerConfig fields that place or feed the learner but do not change its state: a
+# checkpoint resumes with other values of these (e.g. another worker count).
+_NOT_STATE = ("batch_size", "num_workers", "use_gpu", "num_cpus", "resources", "shuffle_window")
+
+
+def settings_state(s: LearnerConfig) -> dict[str, Any]:
+    """The settings a learner checkpoint records and must match on load."""
+    return {k: v for k, v in asdict(s).items() if k not in _NOT_STATE}
 
 
 class PreferenceLearner:
     """LoRA preference training of a LLaVA model. Takes ownership of `model` (LoRA is
-    injected in place); `ref_model` is only used with settings.reference == "separate"."""
+    injected in place); `ref_model` is only used with settings.reference == "separate".
+
+    `settings` is the config section as it is (validated here too, for callers that build
+    one by hand): lr/projector_lr (0 = frozen projector), lora_r/lora_alpha/lora_dropout/
+    lora_targets, grad_accum, max_grad_norm (0 = no clipping), schedule/warmup_steps over
+    `steps`, weight_decay, gradient_checkpointing, max_response_tokens (0 = keep all) and
+    seed (LoRA init). Forwards run under bf16 autocast on CUDA."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         processor: Any,
-        settings: LearnerSettings,
+        settings: LearnerConfig,
         ref_model: torch.nn.Module | None = None,
     ) -> None:
         from peft import get_peft_model
 
+        settings.validate("learner")
         self.settings = s = settings
         self.processor = processor
         self.ref_model: torch.nn.Module | None = None
@@ -236,14 +146,13 @@ class PreferenceLearner:
 
         lora = [p for n, p in self._trainable() if "multi_modal_projector" not in n]
         proj = [p for n, p in self._trainable() if "multi_modal_projector" in n]
-        groups = [{"params": lora, "lr": s.learning_rate}]
+        groups = [{"params": lora, "lr": s.lr}]
         if proj:
-            plr = s.projector_learning_rate
-            groups.append({"params": proj, "lr": s.learning_rate if plr is None else plr})
+            groups.append({"params": proj, "lr": s.projector_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=s.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            lambda step: lr_factor(step, s.warmup_steps, s.total_steps, s.lr_schedule),
+            lambda step: lr_factor(step, s.warmup_steps, s.steps, s.schedule),
         )
         self.micro_step = 0  # calls of step()
         self.global_step = 0  # optimizer steps
@@ -251,7 +160,7 @@ class PreferenceLearner:
     # ------------------------------------------------------------------ training
     def step(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         """One micro-batch: forward policy + reference, loss, backward; an optimizer step
-        (clip, AdamW, schedule) every `grad_accum_steps` calls. Returns float metrics:
+        (clip, AdamW, schedule) every `grad_accum` calls. Returns float metrics:
         loss, reward_margin, reward_accuracy, chosen/rejected_logps and _rewards (batch
         means), lr, optimizer_step, stepped (1.0 if the optimizer stepped) and grad_norm
         (when stepped). MDPO: chosen = best response, rejected = worst, accuracy over all
@@ -271,12 +180,12 @@ class PreferenceLearner:
             loss = loss + s.rpo_alpha * nll
             metrics["chosen_nll"] = nll.detach()
             metrics["loss"] = loss.detach()
-        (loss / s.grad_accum_steps).backward()
+        (loss / s.grad_accum).backward()
         self.micro_step += 1
         out = {k: float(v) for k, v in metrics.items()}
         out["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this update uses
         out["stepped"] = 0.0
-        if self.micro_step % s.grad_accum_steps == 0:
+        if self.micro_step % s.grad_accum == 0:
             out["grad_norm"] = self._optimizer_step()
             out["stepped"] = 1.0
         out["optimizer_step"] = float(self.global_step)
@@ -360,8 +269,7 @@ class PreferenceLearner:
             [r["image"] for r in rows],
             [r["prompt"] for r in rows],
             responses,
-            padding_side=s.padding_side,
-            max_response_tokens=s.max_response_tokens,
+            max_response_tokens=s.max_response_tokens or None,
         )
         dtype = next(self.model.parameters()).dtype
         return {
@@ -370,7 +278,7 @@ class PreferenceLearner:
         }
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return cuda_bf16_autocast(self.device, self.settings.bf16_autocast)
+        return cuda_bf16_autocast(self.device)
 
     def _trainable(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
@@ -400,13 +308,13 @@ class PreferenceLearner:
             "global_step": self.global_step,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "settings": asdict(self.settings),
+            "settings": settings_state(self.settings),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a `state_dict()`; settings must match those of this learner."""
-        if state["settings"] != asdict(self.settings):
-            raise ValueError("learner state was saved with different LearnerSettings")
+        if state["settings"] != settings_state(self.settings):
+            raise ValueError("learner state was saved with different learner settings")
         trainable = dict(self._trainable())
         if set(state["trainable"]) != set(trainable):
             raise ValueError("learner state has different trainable parameters")

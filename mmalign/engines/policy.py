@@ -20,11 +20,13 @@ from typing import Any
 
 import torch
 
+from mmalign.config import LearnerConfig
 from mmalign.engines.factory import ENGINES
 from mmalign.engines.hf_generation import HFGenerationEngine, SamplingSettings
-from mmalign.engines.learner import LearnerSettings, lora_config
+from mmalign.engines.learner import lora_config
 from mmalign.engines.mm_inputs import VLRequest
 from mmalign.logprobs import default_prompt_text, to_pil
+from mmalign.seeds import sample_seed
 
 
 def adapter_digest(state: Mapping[str, torch.Tensor]) -> str:
@@ -46,8 +48,8 @@ class PolicySampler:
     Args:
         model, processor: the base policy (LlavaForConditionalGeneration) and its processor;
             the sampler takes ownership of the model.
-        lora: the learner's settings (LoRA rank/alpha/targets, train_projector); None = a
-            sampler without weight sync.
+        lora: the learner's config (LoRA rank/alpha/targets; projector_lr > 0 = trained
+            projector); None = a sampler without weight sync.
         engine: "hf" or "vllm" (config `sampler.engine`).
         vllm_kwargs: VLLMGenerationEngine arguments (cache_root, vllm.LLM kwargs); "vllm" only.
     """
@@ -56,7 +58,7 @@ class PolicySampler:
         self,
         model: Any,
         processor: Any,
-        lora: LearnerSettings | None = None,
+        lora: LearnerConfig | None = None,
         engine: str = "hf",
         **vllm_kwargs: Any,
     ) -> None:
@@ -65,7 +67,7 @@ class PolicySampler:
         if engine == "vllm":
             from mmalign.engines.vllm_generation import VLLMGenerationEngine, vllm_max_lora_rank
 
-            rank = vllm_max_lora_rank(lora.lora_rank) if lora is not None else 0
+            rank = vllm_max_lora_rank(lora.lora_r) if lora is not None else 0
             vllm = VLLMGenerationEngine(model, processor, max_lora_rank=rank, **vllm_kwargs)
             self._setup(vllm, lora, "vllm")
             return
@@ -83,14 +85,14 @@ class PolicySampler:
             self._zero_lora()
 
     @classmethod
-    def over_vllm_engine(cls, engine: Any, lora: LearnerSettings | None) -> PolicySampler:
+    def over_vllm_engine(cls, engine: Any, lora: LearnerConfig | None) -> PolicySampler:
         """A sampler over a started VLLMGenerationEngine (its max_lora_rank must hold
-        lora.lora_rank). Starting vLLM costs about a minute on CPU, so tests share one."""
+        lora.lora_r). Starting vLLM costs about a minute on CPU, so tests share one."""
         sampler = cls.__new__(cls)
         sampler._setup(engine, lora, "vllm")
         return sampler
 
-    def _setup(self, engine: HFGenerationEngine, lora: LearnerSettings | None, name: str) -> None:
+    def _setup(self, engine: HFGenerationEngine, lora: LearnerConfig | None, name: str) -> None:
         self.engine = engine
         self.engine_name = name
         self.lora = lora
@@ -135,14 +137,14 @@ class PolicySampler:
     def _load_vllm(self, state: Mapping[str, torch.Tensor], version: int) -> None:
         assert self.lora is not None
         projector = [k for k in state if "multi_modal_projector" in k]
-        if projector and not self.lora.train_projector:  # the HF path refuses these too
+        if projector and self.lora.projector_lr <= 0:  # the HF path refuses these too
             raise ValueError(f"adapter keys not in the sampler's model: {projector[:3]}")
         self.engine.load_adapter_state(  # type: ignore[attr-defined]
             state,
             version,
-            rank=self.lora.lora_rank,
+            rank=self.lora.lora_r,
             alpha=self.lora.lora_alpha,
-            target_modules=self.lora.lora_target_modules,
+            target_modules=self.lora.lora_targets,
         )
 
     @torch.inference_mode()
@@ -160,7 +162,7 @@ class PolicySampler:
             text = default_prompt_text(self.engine.processor, prompt)
             pil = to_pil(image)
             for j in range(k):
-                rows.append(VLRequest(text, pil, "", None, seed * 1_000_003 + i * 101 + j))
+                rows.append(VLRequest(text, pil, "", None, sample_seed(seed, i, j)))
         outs = self.engine.generate(rows, settings)
         texts = [o.text.strip() for o in outs]
         return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
