@@ -31,18 +31,30 @@ def top_reasons(entries: Iterable[Mapping[str, Any]], n: int = 3) -> list[tuple[
     return Counter(reason_kind(str(e.get("reason", ""))) for e in entries).most_common(n)
 
 
-def check(what: str, total: int, quarantined: list[Mapping[str, Any]], max_fraction: float) -> None:
-    """Raise QuarantineError when nothing is usable or the quarantined share of `total` input
-    rows exceeds `max_fraction` (1.0 = only an empty result fails)."""
+def check(
+    what: str,
+    total: int,
+    quarantined: list[Mapping[str, Any]],
+    max_fraction: float,
+    usable: int | None = None,
+) -> None:
+    """Raise QuarantineError when nothing is usable (`usable` == 0, or every row
+    quarantined) or the quarantined share of `total` input rows exceeds `max_fraction`
+    (1.0 = only an empty result fails)."""
     bad = len(quarantined)
     if total <= 0:
         raise QuarantineError(f"{what}: no input rows")
     share = bad / total
-    if bad < total and share <= max_fraction:
+    if bad < total and share <= max_fraction and usable != 0:
         return
     reasons = "; ".join(f"{count} x {kind}" for kind, count in top_reasons(quarantined))
-    verdict = "every row" if bad >= total else f"{bad} of {total} rows ({share:.0%})"
+    if bad >= total:
+        verdict = "every row quarantined"
+    elif share > max_fraction:
+        verdict = f"{bad} of {total} rows ({share:.0%}) quarantined, above the allowed"
+        verdict += f" {max_fraction:.0%}"
+    else:
+        verdict = f"no usable row written ({bad} of {total} quarantined)"
     raise QuarantineError(
-        f"{what}: {verdict} quarantined, above the allowed {max_fraction:.0%} — a systematic "
-        f"error, not bad data. Top reasons: {reasons}"
+        f"{what}: {verdict} — a systematic error, not bad data. Top reasons: {reasons or 'none'}"
     )

@@ -86,6 +86,14 @@ def retry_policy() -> RetryPolicy:
     return _POLICY
 
 
+def use_config(storage_cfg: Any) -> None:
+    """Set this process's retry policy from config section `storage` (retries,
+    retry_backoff_s); each pipeline calls it at start."""
+    set_retry_policy(
+        RetryPolicy(attempts=storage_cfg.retries, backoff_s=storage_cfg.retry_backoff_s)
+    )
+
+
 def is_transient(err: BaseException) -> bool:
     """Whether a storage error is worth retrying (the endpoint may come back)."""
     response = getattr(err, "response", None)

@@ -33,7 +33,9 @@ def test_most_rows_quarantined_fails_with_counted_reasons() -> None:
     with pytest.raises(QuarantineError) as err:
         quarantine.check("bdhs.py", 100, entries, max_fraction=0.5)
     msg = str(err.value)
-    assert msg.startswith("bdhs.py: 60 of 100 rows (60%) quarantined, above the allowed 50%")
+    assert msg.startswith(
+        "bdhs.py: 60 of 100 rows (60%) quarantined, above the allowed 50% — a systematic error"
+    )
     assert "58 x images: unreadable ('…'); 2 x empty reference" in msg
 
 
@@ -42,3 +44,9 @@ def test_nothing_usable_fails_even_when_any_share_is_allowed() -> None:
         quarantine.check("x", 3, _bad("bad", 3), max_fraction=1.0)
     with pytest.raises(QuarantineError, match="no input rows"):
         quarantine.check("x", 0, [], max_fraction=1.0)
+
+
+def test_a_run_that_writes_nothing_fails() -> None:
+    with pytest.raises(QuarantineError, match=r"no usable row written \(1 of 4 quarantined\)"):
+        quarantine.check("x", 4, _bad("bad", 1), max_fraction=0.5, usable=0)
+    quarantine.check("x", 4, _bad("bad", 1), max_fraction=0.5, usable=3)
