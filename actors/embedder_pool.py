@@ -24,6 +24,10 @@ import numpy as np
 
 from mmalign.engines.embedder import SentenceEmbedder
 
+# How often Ray restarts a dead embedder actor (and retries its calls) before the BDHS
+# job fails with the actor's death.
+RESTARTS = 3
+
 
 class EmbedderActor:
     """Thin actor around SentenceEmbedder; counts the calls and texts it served."""
@@ -62,7 +66,13 @@ def start_embedder_pool(
     """Start `size` EmbedderActor actors (CPU) and wait until their models are loaded."""
     import ray
 
-    cls = ray.remote(**embedder_options(num_cpus, resources))(EmbedderActor)
+    # Stateless, so Ray itself may restart a dead embedder (process killed, node lost) and
+    # re-send the calls in flight: the BDHS samplers blocked on it just wait a model load.
+    cls = ray.remote(
+        **embedder_options(num_cpus, resources),
+        max_restarts=RESTARTS,
+        max_task_retries=RESTARTS,
+    )(EmbedderActor)
     handles = [cls.remote(model, batch_size) for _ in range(size)]
     ray.get([h.stats.remote() for h in handles])  # surface load errors here, not mid-run
     return handles

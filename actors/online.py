@@ -127,7 +127,9 @@ class SamplerActor:
         return self.timer.stats()
 
 
-@ray.remote
+# Stateless: Ray restarts a dead judge (process killed, node lost) and re-sends the verdict
+# calls in flight, so the loop only waits a model load.
+@ray.remote(max_restarts=3, max_task_retries=3)
 class JudgeActor:
     """The annotator (VLM both orders, or object-grounded) as an actor."""
 

@@ -129,6 +129,35 @@ def sentence_spans(text: str, splitter: Splitter = split_sentences_regex) -> lis
     return spans
 
 
+# A "." that closes one of these is not a sentence end (matched on the text up to it).
+_ABBREVIATION_RE = re.compile(
+    r"(?:\b(?:e\.g|i\.e|etc|vs|cf|approx|incl|fig|no|mr|mrs|ms|dr|st|jr|sr))\.$", re.IGNORECASE
+)
+
+
+def cut_at_sentence_end(text: str, stops: Sequence[str]) -> str | None:
+    """`text` up to and including the earliest stop string that ends a sentence, or None.
+
+    A stop ends a sentence only when whitespace follows it, so the "." of "2.5" and a "."
+    that is the last character generated so far do not (a decoder checks again after the
+    next token); a "." that closes an abbreviation ("e.g.", "i.e.", "Dr.") does not either.
+    A decoder that stops here has generated one token past the stop; the cut drops it.
+    """
+    best: int | None = None
+    for stop in stops:
+        start = 0
+        while (i := text.find(stop, start)) >= 0:
+            end = i + len(stop)
+            if best is not None and end >= best:
+                break
+            followed = end < len(text) and text[end].isspace()
+            if followed and not (stop.endswith(".") and _ABBREVIATION_RE.search(text[:end])):
+                best = end
+                break
+            start = i + 1
+    return None if best is None else text[:best]
+
+
 _YES_NO_RE = re.compile(r"^(\s*)(yes|no)\b", re.IGNORECASE)
 
 

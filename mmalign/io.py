@@ -76,21 +76,54 @@ def check_columns(columns: Iterable[str], uri: str) -> None:
         raise ValueError(f"{uri}: no prompt column {list(_PROMPT_KEYS)} (columns: {sorted(cols)})")
 
 
-def normalize_row(raw: dict[str, Any], image_root: str = "", source: str = "") -> PromptRow:
+# Key of a placeholder row for an input line that could not be parsed: the reader keeps
+# the line's place (and a stable id) so the quarantine names it and the other rows go on.
+UNREADABLE = "__unreadable__"
+
+
+def _str_field(value: Any, name: str) -> str:
+    """A text field of a raw row: str (or None = ""), valid Unicode, else RowError naming it."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"{name}: expected text, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate, e.g. "\ud800" escaped in JSON
+        raise RowError(f"{name}: invalid Unicode at character {err.start}") from None
+    return value
+
+
+def _llava_turns(raw: dict[str, Any]) -> tuple[str, str]:
+    """(human text, gpt text) of the first exchange of a LLaVA `conversations` list."""
+    turns = raw.get("conversations")
+    if not isinstance(turns, list):
+        raise RowError(f"conversations: expected a list of turns, got {type(turns).__name__}")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError(f"conversations[{i}]: expected an object, got {type(turn).__name__}")
+    human = next((t for t in turns if t.get("from") == "human"), None)
+    gpt = next((t for t in turns if t.get("from") == "gpt"), None)
+    if human is None:
+        raise RowError("conversations: no 'human' turn")
+    prompt = _str_field(human.get("value"), "conversations.human.value")
+    return prompt, _str_field((gpt or {}).get("value"), "conversations.gpt.value")
+
+
+def normalize_row(raw: Any, image_root: str = "", source: str = "") -> PromptRow:
     """One input row (any supported layout) -> prompt record. Raises RowError naming the field."""
+    if not isinstance(raw, dict):
+        raise RowError(f"row: expected an object, got {type(raw).__name__}")
+    if UNREADABLE in raw:
+        raise RowError(str(raw[UNREADABLE]))
     if "conversations" in raw:  # LLaVA-instruct
-        turns = raw.get("conversations") or []
-        human = next((t for t in turns if t.get("from") == "human"), None)
-        gpt = next((t for t in turns if t.get("from") == "gpt"), None)
-        if human is None:
-            raise RowError("conversations: no 'human' turn")
-        prompt, reference = human.get("value") or "", (gpt or {}).get("value") or ""
+        prompt, reference = _llava_turns(raw)
         images: Any = raw.get("image")
     else:
         pkey = next((k for k in _PROMPT_KEYS if k in raw), None)
-        prompt = _text(raw.get(pkey)) if pkey else ""
+        prompt = _str_field(_text(raw.get(pkey)), pkey or "prompt") if pkey else ""
         akey = next((k for k in _ANSWER_KEYS if raw.get(k) not in (None, "", [])), None)
-        reference = _text(raw.get(akey)) if akey else ""
+        reference = _str_field(_text(raw.get(akey)), akey or "reference") if akey else ""
         images = raw.get("images", raw.get("image"))
     if images is None or images == [] or images == "":
         raise RowError("image: missing")
@@ -102,18 +135,22 @@ def normalize_row(raw: dict[str, Any], image_root: str = "", source: str = "") -
             img = _resolve(img, image_root)
         elif isinstance(img, dict) and img.get("path") and not img.get("bytes"):
             img = {"bytes": None, "path": _resolve(img["path"], image_root)}
+        elif not isinstance(img, (bytes, dict)):
+            raise RowError(f"image: expected a path, bytes or {{bytes, path}}, got {img!r:.40}")
         refs.append(img)
     rid = raw.get("id")
     if rid is None or str(rid) == "":
         raise RowError("id: missing")
     objects = raw.get("objects") or []
+    if not isinstance(objects, list):
+        raise RowError(f"objects: expected a list, got {type(objects).__name__}")
     objects = [o["name"] if isinstance(o, dict) else str(o) for o in objects]
     return prompt_record(
         id=str(rid),
         prompt=prompt,
         images=refs,
         reference=reference.strip(),
-        rejected=_text(raw.get("rejected")).strip(),
+        rejected=_str_field(_text(raw.get("rejected")), "rejected").strip(),
         objects=objects,
         source=source or str(raw.get("source") or ""),
     )
@@ -128,30 +165,68 @@ def normalize_rows(
     for i, raw in enumerate(rows):
         try:
             good.append(normalize_row(raw, image_root, source))
-        except (RowError, ValueError, TypeError) as err:
-            bad.append({"id": str(raw.get("id", f"row-{i}")), "reason": str(err), "source": source})
+        except (RowError, ValueError, TypeError, KeyError) as err:
+            rid = raw.get("id") if isinstance(raw, dict) else None
+            rid = f"row-{i}" if rid in (None, "") else rid
+            bad.append({"id": str(rid), "reason": str(err), "source": source})
     return good, bad
 
 
 # ------------------------------------------------------------------ raw readers
 
 
-def read_llava_json(uri: str) -> list[dict[str, Any]]:
-    data = storage.read_bytes(uri).decode()
+def read_llava_json(uri: str) -> list[Any]:
+    """The raw rows of a LLaVA JSON list or JSONL file.
+
+    JSONL is read line by line: a line that is not UTF-8 or not valid JSON becomes a
+    placeholder row `{id: "line-N", UNREADABLE: reason}` that normalize_row quarantines,
+    so one bad line costs one row. A JSON list is one document: if it cannot be decoded
+    or parsed at all, the whole file fails naming the file and the byte offset.
+    """
+    data = storage.read_bytes(uri)
     if uri.lower().endswith(".jsonl"):
-        return [json.loads(line) for line in data.splitlines() if line.strip()]
-    items = json.loads(data)
+        return [row for n, line in enumerate(data.split(b"\n"), 1) if (row := _jsonl_row(line, n))]
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{uri}: not UTF-8 at byte offset {err.start}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{uri}: not valid JSON at byte offset {err.pos} ({err.msg})") from None
     if not isinstance(items, list):
         raise ValueError(f"{uri}: LLaVA JSON must be a list of conversations")
     return items
 
 
+def _jsonl_row(line: bytes, n: int) -> Any:
+    """One JSONL line -> its row, a placeholder naming why it is unreadable, or None (blank)."""
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        reason = f"line {n}: not UTF-8 at byte {err.start} of the line"
+    except json.JSONDecodeError as err:
+        reason = f"line {n}: not valid JSON ({err.msg} at column {err.colno})"
+    return {"id": f"line-{n}", UNREADABLE: reason}
+
+
 def read_parquet(uri: str) -> pa.Table:
     """A Parquet file or a directory/prefix of shards (hidden/temp files ignored)."""
     fs, path = storage.filesystem(uri)
+
+    def read() -> pa.Table:
+        try:
+            return pq.read_table(path, filesystem=fs)
+        except pa.ArrowInvalid as err:  # not Parquet: permanent, never retried
+            raise storage.StorageError(f"{uri}: cannot read Parquet ({err})") from None
+
+    if storage.is_s3(uri):  # transient endpoint errors are retried, then name the URI
+        return storage.with_retries(uri, read)
     try:
-        return pq.read_table(path, filesystem=fs)
-    except (OSError, pa.ArrowInvalid) as err:
+        return read()
+    except storage.StorageError:
+        raise
+    except OSError as err:
         raise storage.StorageError(f"{uri}: cannot read Parquet ({err})") from None
 
 
@@ -203,8 +278,8 @@ def write_parquet(rows: list[dict[str, Any]], uri: str, schema: pa.Schema) -> No
     """Write rows as one Parquet file (atomic locally; S3 objects appear whole on close)."""
     table = pa.Table.from_pylist(rows, schema=with_hf_metadata(schema))
     fs, path = storage.filesystem(uri)
-    if storage.is_s3(uri):
-        pq.write_table(table, path, filesystem=fs)
+    if storage.is_s3(uri):  # the object appears whole on close; a retry rewrites it
+        storage.with_retries(uri, lambda: pq.write_table(table, path, filesystem=fs))
         return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")

@@ -16,9 +16,10 @@ random choice comes from mmalign.online's (seed, step) functions.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from mmalign import online
+from mmalign.rows import LearnerRow, PromptStub
 
 Row = dict[str, Any]
 Done = Sequence[tuple[Sequence[Row], int, Sequence[Any]]]
@@ -69,7 +70,9 @@ class OnlineSource:
         verdicts = self.judge(refs, both)
         it = iter(verdicts)
         kept = [
-            online.first_kept_pair(r, resp, [next(it) for _ in c], step=step, version=v)
+            online.first_kept_pair(
+                cast(PromptStub, r), resp, [next(it) for _ in c], step=step, version=v
+            )
             for (r, resp, v), c in zip(judged, cands)
         ]
         counts = {
@@ -78,7 +81,7 @@ class OnlineSource:
             "kept": sum(bool(v.get("kept")) for v in verdicts),
             "ties": sum(v.get("reason") == "tie" for v in verdicts),
         }
-        return [p for p in kept if p is not None], counts
+        return [cast(Row, p) for p in kept if p is not None], counts
 
     def describe(self, counts: dict[str, int]) -> str:
         return f"kept {counts['kept']}/{counts['judged']} "
@@ -148,9 +151,9 @@ class BDHSSource:
         pairs, failed = [], 0
         for shard, version, results in done:
             for row, res in zip(shard, results, strict=True):
-                pair = online.bdhs_pair(row, res, step=step, version=version)
+                pair = online.bdhs_pair(cast(LearnerRow, row), res, step=step, version=version)
                 failed += pair is None
-                pairs += [pair] if pair is not None else []
+                pairs += [cast(Row, pair)] if pair is not None else []
         return pairs, {"samples": sum(len(shard) for shard, _, _ in done), "bdhs_failed": failed}
 
     def describe(self, counts: dict[str, int]) -> str:

@@ -13,15 +13,121 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
 
 
 class StorageError(OSError):
     """A storage operation failed; the message names the URI and a likely cause."""
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often an S3 operation is retried on a transient error (connection refused or
+    reset, timeouts, HTTP 5xx, throttling) before it fails naming the URI. Waits double
+    from `backoff_s` up to `max_backoff_s`; the defaults ride out ~15 s of an endpoint
+    being away. Permanent errors (no such bucket, access denied) are never retried."""
+
+    attempts: int = 6
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
+            raise ValueError(f"invalid RetryPolicy {self}")
+
+    def waits(self) -> Iterator[float]:
+        """The sleep before each retry (attempts - 1 of them)."""
+        for i in range(self.attempts - 1):
+            yield min(self.max_backoff_s, self.backoff_s * 2**i)
+
+
+_POLICY = RetryPolicy()
+
+# Substrings of botocore / pyarrow (AWS SDK for C++) errors that mean "try again".
+_TRANSIENT = (
+    "could not connect",
+    "connection refused",
+    "connection reset",
+    "connection was closed",
+    "connectionclosed",
+    "endpointconnectionerror",
+    "connect timeout",
+    "read timeout",
+    "timed out",
+    "curlcode",
+    "couldn't connect",
+    "broken pipe",
+    "slowdown",
+    "throttl",
+    "requesttimeout",
+    "internalerror",
+    "serviceunavailable",
+    "http response code: 5",
+    "status code 5",
+)
+
+
+def set_retry_policy(policy: RetryPolicy) -> None:
+    """Use `policy` for this process's storage calls (pipelines set it from the config)."""
+    global _POLICY
+    _POLICY = policy
+
+
+def retry_policy() -> RetryPolicy:
+    return _POLICY
+
+
+def use_config(storage_cfg: Any) -> None:
+    """Set this process's retry policy from config section `storage` (retries,
+    retry_backoff_s); each pipeline calls it at start."""
+    set_retry_policy(
+        RetryPolicy(attempts=storage_cfg.retries, backoff_s=storage_cfg.retry_backoff_s)
+    )
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a storage error is worth retrying (the endpoint may come back)."""
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if isinstance(status, int) and status >= 500:
+            return True
+        code = str(response.get("Error", {}).get("Code", "")).lower()
+        if code in ("slowdown", "throttling", "requesttimeout", "internalerror", "503", "500"):
+            return True
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(err).__name__} {err}".lower()
+    return any(k in text for k in _TRANSIENT)
+
+
+def with_retries(uri: str, fn: Callable[[], T]) -> T:
+    """fn(), retried under the retry policy while it fails transiently; a permanent error or
+    the last transient one is raised as a StorageError naming `uri` (never credentials)."""
+    for wait in (*_POLICY.waits(), None):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as err:  # botocore / pyarrow raise many types
+            if wait is None or not is_transient(err):
+                if is_transient(err):
+                    raise StorageError(
+                        f"{uri}: storage unreachable after {_POLICY.attempts} attempts "
+                        f"({type(err).__name__}); rerun to resume once it is back"
+                    ) from None
+                raise _explain(uri, err) from None
+            time.sleep(wait)
+    raise AssertionError("unreachable")
 
 
 def is_s3(uri: str) -> bool:
@@ -93,10 +199,7 @@ def check_bucket(uri: str) -> None:
     if not is_s3(uri):
         return
     bucket, _ = split_s3(uri)
-    try:
-        _s3_client().head_bucket(Bucket=bucket)
-    except Exception as err:  # botocore raises ClientError / NoCredentialsError / ...
-        raise _explain(uri, err) from None
+    with_retries(uri, lambda: _s3_client().head_bucket(Bucket=bucket))
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -117,10 +220,9 @@ def read_bytes(uri: str) -> bytes:
         except OSError as err:
             raise StorageError(f"{uri}: {err.strerror or err}") from None
     bucket, key = split_s3(uri)
-    try:
-        return bytes(_s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
-    except Exception as err:
-        raise _explain(uri, err) from None
+    return with_retries(
+        uri, lambda: bytes(_s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    )
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -133,18 +235,17 @@ def write_bytes(uri: str, data: bytes) -> None:
         os.replace(tmp, path)
         return
     bucket, key = split_s3(uri)
-    try:
-        _s3_client().put_object(Bucket=bucket, Key=key, Body=data)  # S3 PUTs are atomic
-    except Exception as err:
-        raise _explain(uri, err) from None
+    # S3 PUTs are atomic, so a retried PUT never leaves a partial object behind.
+    with_retries(uri, lambda: _s3_client().put_object(Bucket=bucket, Key=key, Body=data))
 
 
 def exists(uri: str) -> bool:
     if not is_s3(uri):
         return os.path.exists(os.path.expanduser(uri))
     bucket, key = split_s3(uri)
-    client = _s3_client()
-    try:
+
+    def probe() -> bool:
+        client = _s3_client()
         if key and not key.endswith("/"):
             try:
                 client.head_object(Bucket=bucket, Key=key)
@@ -155,8 +256,8 @@ def exists(uri: str) -> bool:
         prefix = key.rstrip("/") + "/" if key else ""
         resp = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
         return int(resp.get("KeyCount", 0)) > 0
-    except Exception as err:
-        raise _explain(uri, err) from None
+
+    return with_retries(uri, probe)
 
 
 def list_files(uri: str) -> Iterator[str]:
@@ -169,11 +270,12 @@ def list_files(uri: str) -> Iterator[str]:
         return
     bucket, key = split_s3(uri)
     prefix = key.rstrip("/") + "/" if key else ""
-    try:
+
+    def keys_under() -> list[str]:
         pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        keys = [obj["Key"] for page in pages for obj in page.get("Contents", [])]
-    except Exception as err:
-        raise _explain(uri, err) from None
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    keys = with_retries(uri, keys_under)
     yield from (f"s3://{bucket}/{k}" for k in sorted(keys))
 
 
@@ -183,16 +285,21 @@ def upload_dir(local_dir: str, uri: str) -> None:
     if not src.is_dir():
         raise StorageError(f"{local_dir}: not a directory")
     if not is_s3(uri):
-        shutil.copytree(src, os.path.expanduser(uri), dirs_exist_ok=True)
+        # copyfile, not copy2: files get this process's default mode (umask), not the
+        # source's — a temp dir's 0600 files would otherwise land 0600 beside 0644 ones.
+        shutil.copytree(
+            src, os.path.expanduser(uri), dirs_exist_ok=True, copy_function=shutil.copyfile
+        )
         return
     bucket, key = split_s3(uri)
     client = _s3_client()
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         rel = path.relative_to(src).as_posix()
-        try:
-            client.upload_file(str(path), bucket, f"{key.rstrip('/')}/{rel}".lstrip("/"))
-        except Exception as err:
-            raise _explain(f"{uri.rstrip('/')}/{rel}", err) from None
+        target = f"{key.rstrip('/')}/{rel}".lstrip("/")
+        with_retries(
+            f"{uri.rstrip('/')}/{rel}",
+            lambda p=path, t=target: client.upload_file(str(p), bucket, t),  # type: ignore[misc]
+        )
 
 
 def download_dir(uri: str, local_dir: str) -> str:
@@ -211,10 +318,10 @@ def download_dir(uri: str, local_dir: str) -> str:
         _, obj_key = split_s3(file_uri)
         target = dst / obj_key[len(prefix) :]
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            client.download_file(bucket, obj_key, str(target))
-        except Exception as err:
-            raise _explain(file_uri, err) from None
+        with_retries(
+            file_uri,
+            lambda k=obj_key, t=target: client.download_file(bucket, k, str(t)),  # type: ignore[misc]
+        )
     if not found:
         raise StorageError(f"{uri}: no objects under this prefix")
     return str(dst)

@@ -12,8 +12,12 @@ call a separate CPU pool of `bdhs.embed_concurrency` sentence-embedder actors
 `bdhs.resources`, see pool_kwargs / embedder_pool_kwargs), and streams the rows
 into shards of `storage.shard_rows` rows at <output_dir>/bdhs/part-NNNNN.parquet. Each
 shard is written atomically, so a killed job loses only the shard in flight; rerunning
-resumes. Rows that cannot be used go to <output_dir>/bdhs/_quarantine.jsonl with a reason
-(the leading "_" keeps it out of Parquet readers of the directory, which skip "_" and "." files).
+resumes. Rows that cannot be used go to <output_dir>/bdhs_quarantine.jsonl with a reason,
+beside the shard directory, so <output_dir>/bdhs/ holds Parquet alone (every way of loading a
+Parquet dataset, `datasets.load_dataset("parquet", data_dir=...)` included, reads it). Pairs
+whose rejected equals the chosen are dropped (or flagged, `bdhs.identical`) and counted. A
+run that quarantines more than `data.max_quarantined` of its rows, or writes none, fails
+with the top reasons counted instead of exiting 0.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ sys.path.insert(
 )  # `python pipelines/x.py` from anywhere
 
 from mmalign import io as mio  # noqa: E402
+from mmalign import quarantine as guard  # noqa: E402
 from mmalign import storage  # noqa: E402
 from mmalign.config import Config, check_bdhs_engine, parse_args, parse_resources  # noqa: E402
 from mmalign.schema import RowError  # noqa: E402
@@ -101,13 +106,17 @@ class ShardWriter:
         self.buffer = []
 
 
-def summarize(metas: list[dict[str, Any]], written: int, quarantined: int) -> dict[str, Any]:
-    """Run summary: rows, quarantine, re-sampling rate (tries > 1), final unguided fraction."""
+def summarize(
+    metas: list[dict[str, Any]], written: int, quarantined: int, identical: int = 0
+) -> dict[str, Any]:
+    """Run summary: rows, quarantine, identical pairs (dropped or flagged), re-sampling rate
+    (tries > 1), final unguided fraction."""
     n = max(len(metas), 1)
     sims = [float(m["similarity"]) for m in metas if m.get("similarity") is not None]
     return {
         "rows": written,
         "quarantined": quarantined,
+        "identical": identical,
         "resample_rate": sum(int(m.get("iterations") or 1) > 1 for m in metas) / n,
         "final_unguided_rate": sum(bool(m.get("final_unguided")) for m in metas) / n,
         "mean_similarity": sum(sims) / len(sims) if sims else None,
@@ -117,11 +126,13 @@ def summarize(metas: list[dict[str, Any]], written: int, quarantined: int) -> di
 def run_bdhs(cfg: Config) -> dict[str, Any]:
     """Generate rejected responses for `data.prompts`; returns the summary dict."""
     check_bdhs_engine(cfg.sampler, cfg.bdhs)
+    storage.use_config(cfg.storage)
     t0 = time.time()
     out_dir = storage.join(cfg.storage.output_dir, "bdhs")
     records, quarantine = mio.read_prompts(
         cfg.data.prompts, cfg.data.image_root, cfg.data.max_rows, cfg.data.world_seed
     )
+    read_bad = len(quarantine)  # rows the reader could not use (retried by every run)
     done, first_index = existing_shards(out_dir)
     if done and not cfg.storage.resume:
         # never overwrite or duplicate a finished run's rows
@@ -133,13 +144,22 @@ def run_bdhs(cfg: Config) -> dict[str, Any]:
     print(f"bdhs: {len(records)} prompts, {len(done)} already written, {len(todo)} to do")
 
     writer = ShardWriter(out_dir, cfg.storage.shard_rows, first_index)
-    quarantine_uri = storage.join(out_dir, "_quarantine.jsonl")
-    stream = _Stream(writer, quarantine, quarantine_uri)
+    quarantine_uri = storage.join(cfg.storage.output_dir, "bdhs_quarantine.jsonl")
+    stream = _Stream(writer, quarantine, quarantine_uri, cfg.bdhs.identical)
     embedder_stats: list[dict[str, Any]] = []
     if todo:
         embedder_stats = _generate(cfg, todo, stream)
     mio.write_jsonl(quarantine, quarantine_uri)
-    summary = summarize(stream.metas, writer.written, len(quarantine))
+    attempted = len(todo) + read_bad
+    if attempted:  # a resumed run with nothing left to do wrote nothing, rightly
+        guard.check(
+            f"bdhs ({cfg.data.prompts})",
+            attempted,
+            quarantine,
+            cfg.data.max_quarantined,
+            usable=writer.written,
+        )
+    summary = summarize(stream.metas, writer.written, len(quarantine), stream.identical)
     seconds = time.time() - t0
     t_first, t_last, metas = stream.t_first, stream.t_last, stream.metas
     summary.update(
@@ -162,8 +182,12 @@ def run_bdhs(cfg: Config) -> dict[str, Any]:
 class _Stream:
     """Where the operator's output rows go: the shards, or the quarantine with a reason."""
 
-    def __init__(self, writer: ShardWriter, quarantine: list[dict[str, Any]], uri: str) -> None:
+    def __init__(
+        self, writer: ShardWriter, quarantine: list[dict[str, Any]], uri: str, identical: str
+    ) -> None:
         self.writer, self.quarantine, self.uri = writer, quarantine, uri
+        self.drop_identical = identical == "drop"
+        self.identical = 0  # pairs whose rejected equals the chosen
         self.metas: list[dict[str, Any]] = []
         self.t_first = self.t_last = 0.0  # arrival of the first/last output row
 
@@ -175,6 +199,11 @@ class _Stream:
         try:
             if out["error"]:
                 raise RowError(out["error"])
+            if _same_text(out["chosen"], out["rejected"]):
+                self.identical += 1
+                if self.drop_identical:
+                    return
+                out = {**out, "meta": json.dumps({**json.loads(out["meta"]), "identical": True})}
             row = to_preference_row(out, record)
         except (RowError, ValueError, KeyError) as err:
             self.quarantine.append({"id": out["id"], "reason": str(err), "source": out["source"]})
@@ -216,6 +245,11 @@ def _generate(cfg: Config, todo: list[dict[str, Any]], stream: _Stream) -> list[
     return stats
 
 
+def _same_text(a: str, b: str) -> bool:
+    """Equal up to whitespace: such a pair's preference term is exactly zero."""
+    return " ".join(str(a).split()) == " ".join(str(b).split())
+
+
 def _rows(batches: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
     for batch in batches:
         cols = list(batch)
@@ -225,7 +259,10 @@ def _rows(batches: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv, description=__doc__)
-    summary = run_bdhs(cfg)
+    try:
+        summary = run_bdhs(cfg)
+    except guard.QuarantineError as err:
+        raise SystemExit(f"bdhs.py: error: {err}") from None
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -296,3 +296,33 @@ def test_batched_equals_per_row_reference_on_cpu() -> None:
             and batched[r].cut_points == alone.cut_points
             and batched[r].similarities == pytest.approx(alone.similarities)
         )
+
+
+@pytest.mark.parametrize(
+    ("text", "cut"),
+    [
+        ("A red circle. A blue square.", "A red circle."),
+        ("It is 2.5 cm wide. Next", "It is 2.5 cm wide."),
+        (
+            "Shapes, e.g. circles and i.e. round ones. Then",
+            "Shapes, e.g. circles and i.e. round ones.",
+        ),
+        ("Dr. Who draws a square.\nMore", "Dr. Who draws a square."),
+        ("A red circle.", None),  # the next token decides: a "." at the end is not yet a stop
+        ("It is 2.", None),
+        ("no full stop here", None),
+        ("Is it red? Yes.", None),  # "?" is not a stop here
+    ],
+)
+def test_cut_at_sentence_end(text: str, cut: str | None) -> None:
+    from mmalign.bdhs import cut_at_sentence_end
+
+    assert cut_at_sentence_end(text, (".",)) == cut
+
+
+def test_cut_at_sentence_end_earliest_of_several_stops() -> None:
+    from mmalign.bdhs import cut_at_sentence_end
+
+    assert cut_at_sentence_end("Is it red? Yes. It is.", (".", "?")) == "Is it red?"
+    assert cut_at_sentence_end("Yes. Is it? No", ("?", ".")) == "Yes."
+    assert cut_at_sentence_end("anything at all", ()) is None

@@ -176,11 +176,12 @@ def test_pipeline_quarantine_and_resume(ray_cluster: None, model_dir: str, tmp_p
             "bdhs.splitter": "regex",
             "storage.output_dir": str(tmp_path / "run"),
             "storage.shard_rows": 4,
+            "bdhs.identical": "flag",  # keep every good row: this test counts them
         },
     )
     out_dir = tmp_path / "run" / "bdhs"
     summary = run_bdhs(cfg)
-    assert summary["rows"] == 14 and summary["quarantined"] == 2
+    assert summary["rows"] == 14 and summary["quarantined"] == 2, summary
     # the similarity gate ran in the separate embedder pool, not in the sampler actors:
     # one call for the references plus >= 1 per try of every batch of 4 rows
     (pool,) = summary["embedder_actors"]
@@ -191,7 +192,16 @@ def test_pipeline_quarantine_and_resume(ray_cluster: None, model_dir: str, tmp_p
     table = mio.read_parquet(str(out_dir))
     assert table.schema.remove_metadata().equals(PREFERENCE_SCHEMA)
     assert sorted(table.column("id").to_pylist()) == sorted(good_ids)
-    bad = [json.loads(line) for line in (out_dir / "_quarantine.jsonl").read_text().splitlines()]
+    # the shard directory is pure Parquet: a TRL user's load_dataset reads it as is
+    import datasets
+
+    loaded = datasets.load_dataset("parquet", data_dir=str(out_dir), split="train")
+    assert sorted(loaded["id"]) == sorted(good_ids)
+    flagged = [bool(json.loads(m["params"] or "{}").get("identical")) for m in loaded["meta"]]
+    assert sum(flagged) == summary["identical"]
+    assert [p.name for p in out_dir.iterdir() if not p.name.endswith(".parquet")] == []
+    quarantine = tmp_path / "run" / "bdhs_quarantine.jsonl"
+    bad = [json.loads(line) for line in quarantine.read_text().splitlines()]
     reasons = {q["id"]: q["reason"] for q in bad}
     assert set(reasons) == {"bad-missing-image", "bad-empty-answer"}
     assert "images" in reasons["bad-missing-image"] and "reference" in reasons["bad-empty-answer"]
@@ -285,3 +295,62 @@ def test_existing_shards_and_no_silent_overwrite_on_cpu(tmp_path: Path) -> None:
     )
     with pytest.raises(SystemExit, match="already holds 5 rows"):
         run_bdhs(cfg)
+
+
+@pytest.mark.ray
+def test_run_that_quarantines_everything_exits_non_zero(ray_cluster: None, tmp_path: Path) -> None:
+    """A wrong image root quarantines every row: a systematic error, so the CLI fails with
+    the reasons counted instead of exiting 0 with nothing written."""
+    from pipelines.bdhs import main
+
+    uri, _ = write_json_input(tmp_path, 6)
+    argv = [
+        "--data.prompts",
+        uri,
+        "--data.image_root",
+        str(tmp_path / "nowhere"),
+        "--storage.output_dir",
+        str(tmp_path / "run"),
+    ]
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    msg = str(err.value)
+    assert msg.startswith("bdhs.py: error: bdhs (") and "every row quarantined" in msg
+    assert "Top reasons: 7 x images: unreadable (FileNotFoundError" in msg
+    assert "1 x reference: empty" in msg
+    assert len((tmp_path / "run" / "bdhs_quarantine.jsonl").read_text().splitlines()) == 8
+
+
+def test_identical_pairs_are_dropped_or_flagged_and_counted(tmp_path: Path, records) -> None:
+    """The stream after the operator: a y- equal to y+ (up to whitespace) is dropped by
+    default, kept with meta.identical under bdhs.identical 'flag'; both count it."""
+    from pipelines.bdhs import ShardWriter, _Stream
+
+    rec = records[0]
+    meta = json.dumps({"similarity": 1.0, "iterations": 5, "final_unguided": True})
+    out = {
+        "id": rec["id"],
+        "prompt": rec["prompt"],
+        "chosen": rec["reference"],
+        "rejected": "  " + rec["reference"].replace(" ", "  ") + " ",
+        "rejected_extra": "[]",
+        "source": rec["source"],
+        "method": "bdhs",
+        "meta": meta,
+        "error": "",
+    }
+    other = {**out, "id": records[1]["id"], "rejected": "There is a blue star."}
+    for mode, written in (("drop", 1), ("flag", 2)):
+        writer = ShardWriter(str(tmp_path / mode), 10, 0)
+        stream = _Stream(writer, [], str(tmp_path / f"{mode}.jsonl"), mode)
+        stream.add(out, rec)
+        stream.add(other, records[1])
+        writer.flush()
+        assert (stream.identical, writer.written) == (1, written)
+        rows = mio.read_parquet(str(tmp_path / mode)).to_pylist()
+        flags = {r["id"]: json.loads(r["meta"]["params"]).get("identical") for r in rows}
+        assert flags == (
+            {records[1]["id"]: None}
+            if mode == "drop"
+            else {rec["id"]: True, records[1]["id"]: None}
+        )

@@ -65,6 +65,12 @@ def test_dotted_overrides_and_types() -> None:
         ({"learner.weight_decay": "-1"}, "learner.weight_decay"),
         ({"learner.max_response_tokens": "-1"}, "learner.max_response_tokens"),
         ({"learner.shuffle_window": "-1"}, "learner.shuffle_window"),
+        ({"sampler.temperature": "inf"}, "sampler.temperature"),
+        ({"learner.lr": "inf"}, "learner.lr"),
+        ({"data.max_quarantined": "1.5"}, "data.max_quarantined"),
+        ({"storage.retries": "0"}, "storage.retries"),
+        ({"storage.retry_backoff_s": "-1"}, "storage.retry_backoff_s"),
+        ({"bdhs.identical": "keep"}, "bdhs.identical"),
     ],
 )
 def test_bad_values_name_the_field(overrides: dict, field: str) -> None:

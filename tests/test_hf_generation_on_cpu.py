@@ -179,11 +179,19 @@ def test_stop_strings_on_cpu(engine: HFGenerationEngine) -> None:
     free = dotty.generate(reqs, SamplingSettings(max_new_tokens=24, stop_strings=()))
     assert "." in free[0].text and any("." not in f.text for f in free)
     stopped = dotty.generate(reqs, SamplingSettings(max_new_tokens=24))  # default: "."
-    for f, s in zip(free, stopped):
-        if "." in f.text:
+    # a "." stops a row only where whitespace follows it (a sentence end, not "2.5")
+    ends = [
+        [i for i, ch in enumerate(f.text[:-1]) if ch == "." and f.text[i + 1].isspace()]
+        for f in free
+    ]
+    assert any(ends) and any(not e for e in ends)
+    for f, s, e in zip(free, stopped, ends):
+        if e:
             assert s.finish_reason == "stop"
-            assert s.text == f.text[: f.text.index(".") + 1]
+            assert s.text == f.text[: e[0] + 1]
             assert s.token_ids == f.token_ids[: len(s.token_ids)]
+            assert tok_text(engine, s.token_ids).startswith(s.text)  # no token past the cut
+            assert not tok_text(engine, s.token_ids[:-1]).startswith(s.text)
         else:
             assert s.text == f.text and s.finish_reason == "length"
     # a stop string spanning a token boundary: the last char of token 3 + first of token 4
@@ -191,7 +199,12 @@ def test_stop_strings_on_cpu(engine: HFGenerationEngine) -> None:
     row = next(f for f in free if tok.decode(f.token_ids[3:4]) and tok.decode(f.token_ids[4:5]))
     stop = tok.decode(row.token_ids[3:4])[-1] + tok.decode(row.token_ids[4:5])[0]
     out = dotty.generate([reqs[free.index(row)]], SamplingSettings(24, stop_strings=(stop,)))[0]
-    assert out.text == row.text[: row.text.index(stop) + len(stop)] and out.finish_reason == "stop"
+    hits = [i + 2 for i in range(len(row.text) - 2) if row.text[i : i + 2] == stop]
+    first = next((h for h in hits if row.text[h].isspace()), None)
+    if first is None:  # the stop is never followed by whitespace: no sentence end
+        assert out.text == row.text and out.finish_reason == "length"
+    else:
+        assert out.text == row.text[:first] and out.finish_reason == "stop"
 
 
 def test_eos_ends_a_row_on_cpu(engine: HFGenerationEngine) -> None:
@@ -283,3 +296,7 @@ def test_bdhs_generate_fn_on_cpu(engine: HFGenerationEngine) -> None:
     )
     assert res.final_unguided and res.tries == 2 and res.rejected
     assert len(res.similarities) == 2 and res.similarities[0] == pytest.approx(1.0)
+
+
+def tok_text(engine: HFGenerationEngine, ids: list[int]) -> str:
+    return engine.tokenizer.decode(ids, skip_special_tokens=True)

@@ -81,3 +81,19 @@ def test_local_write_is_atomic_and_creates_dirs(tmp_path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["b.bin"]  # no temp file left
     with pytest.raises(storage.StorageError, match="nope"):
         storage.read_bytes(str(tmp_path / "nope"))
+
+
+def test_upload_dir_gives_files_the_default_mode(tmp_path) -> None:
+    """safetensors writes 0600; an exported model dir must not mix 0600 and 0644 files."""
+    import os
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(b"x")
+    (src / "model.safetensors").chmod(0o600)
+    (src / "config.json").write_text("{}")
+    storage.upload_dir(str(src), str(tmp_path / "dst"))
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "dst").iterdir()}
+    assert modes == {"model.safetensors": 0o666 & ~umask, "config.json": 0o666 & ~umask}

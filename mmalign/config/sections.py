@@ -39,9 +39,16 @@ class DataConfig:
     )
     max_rows: int = opt(0, "Use at most this many input rows (0 = all).")
     world_seed: int = opt(0, "Seed of the ShapesWorld generator for 'shapesworld:' inputs.")
+    max_quarantined: float = opt(
+        0.5,
+        "Largest share of a run's input rows that may be quarantined; above it, or when no "
+        "row is usable, the run fails naming the top reasons (a systematic error, not bad "
+        "data). 1.0 = fail only when nothing is usable.",
+    )
 
     def validate(self, p: str) -> None:
         check(self.max_rows >= 0, f"{p}.max_rows", "must be >= 0")
+        check(0.0 <= self.max_quarantined <= 1.0, f"{p}.max_quarantined", "must be in [0, 1]")
         check(bool(self.prompts), f"{p}.prompts", "must not be empty")
 
 
@@ -121,9 +128,16 @@ class BDHSConfig:
     embed_concurrency: int = opt(1, "Number of embedder actors.")
     resources: str = resources_opt("sampler_node")
     seed: int = opt(0, "Seed for masks, cut points and yes/no swaps.")
+    identical: str = opt(
+        "drop",
+        "A pair whose rejected equals its chosen (e.g. the unguided last try reproduced the "
+        "reference) teaches nothing: 'drop' it (counted in the summary) or 'flag' it "
+        "(kept, meta.identical = true).",
+    )
 
     def validate(self, p: str) -> None:
         one_of(self.variant, ("bdhs", "bdhs-noise", "povid"), f"{p}.variant")
+        one_of(self.identical, ("drop", "flag"), f"{p}.identical")
         check(0.0 <= self.rho_th <= 1.0, f"{p}.rho_th", "must be in [0, 1]")
         check(self.n_bdhs >= 1, f"{p}.n_bdhs", "must be >= 1")
         check(-1.0 <= self.eps_s <= 1.0, f"{p}.eps_s", "is a cosine: must be in [-1, 1]")
@@ -307,9 +321,20 @@ class StorageConfig:
     resume: bool = opt(True, "Resume from the latest checkpoint / skip rows already written.")
     cache_dir: str = opt("~/.cache/mmalign", "Local cache for models downloaded from s3://.")
     shard_rows: int = opt(256, "Rows per output Parquet shard.")
+    retries: int = opt(
+        6,
+        "Attempts of an S3 operation that fails transiently (connection refused/reset, "
+        "timeouts, 5xx, throttling) before the run fails naming the URI; applies to the "
+        "driver's reads and writes (inputs, shards, quarantine, reports).",
+    )
+    retry_backoff_s: float = opt(
+        0.5, "First wait between S3 retries in seconds; doubles per retry, capped at 8 s."
+    )
 
     def validate(self, p: str) -> None:
         check(bool(self.output_dir), f"{p}.output_dir", "must not be empty")
+        check(self.retries >= 1, f"{p}.retries", "must be >= 1")
+        check(0 <= self.retry_backoff_s <= 8, f"{p}.retry_backoff_s", "must be in [0, 8]")
         check(self.checkpoint_every >= 1, f"{p}.checkpoint_every", "must be >= 1")
         check(self.shard_rows >= 1, f"{p}.shard_rows", "must be >= 1")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from mmalign.bdhs import BatchGenerateFn, ContinuationRequest, GenerateFn
+from mmalign.bdhs import BatchGenerateFn, ContinuationRequest, GenerateFn, cut_at_sentence_end
 from mmalign.engines.mm_inputs import MaskMode, MMBatch, VLRequest, build_mm_batch, model_device
 
 if TYPE_CHECKING:
@@ -34,8 +34,10 @@ class SamplingSettings:
         max_new_tokens: hard cap on generated tokens per row.
         temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
         top_p: nucleus sampling mass (1.0 = off); ignored when greedy.
-        stop_strings: a row stops right after the first occurrence of any of these in its
-            generated text (the text is cut there). () = stop only at EOS / length.
+        stop_strings: a row stops at the first of these that ends a sentence in its
+            generated text (followed by whitespace, not closing an abbreviation: see
+            mmalign.bdhs.cut_at_sentence_end; the text is cut after it, so "2.5" or
+            "e.g." never cut a sentence). () = stop only at EOS / length.
         mask_mode: "mask" or "drop", how hidden image positions are removed.
     """
 
@@ -81,10 +83,13 @@ def sample_next(
     )
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
-    """text up to and including the earliest stop string, or None when none occurs."""
-    hits = [i + len(s) for s in stops if (i := text.find(s)) >= 0]
-    return text[: min(hits)] if hits else None
+def ids_for_cut(ids: list[int], cut: str, tokenizer: Any) -> list[int]:
+    """The shortest prefix of `ids` whose text still holds `cut`: the token generated past a
+    sentence end (to see the whitespace after it) is dropped again."""
+    ids = list(ids)
+    while len(ids) > 1 and tokenizer.decode(ids[:-1], skip_special_tokens=True).startswith(cut):
+        ids.pop()
+    return ids
 
 
 class HFGenerationEngine:
@@ -167,9 +172,10 @@ class HFGenerationEngine:
                     continue
                 new_ids[b].append(tok)
                 text = self.tokenizer.decode(new_ids[b], skip_special_tokens=True)
-                cut = _cut_at_stop(text, settings.stop_strings)
+                cut = cut_at_sentence_end(text, settings.stop_strings)
                 if cut is not None:
                     texts[b], reasons[b] = cut, "stop"
+                    new_ids[b] = ids_for_cut(new_ids[b], cut, self.tokenizer)
                 elif step + 1 == settings.max_new_tokens:
                     reasons[b] = "length"
             if all(r is not None for r in reasons):

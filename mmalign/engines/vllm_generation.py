@@ -35,12 +35,13 @@ from typing import Any
 
 import torch
 
+from mmalign.bdhs import cut_at_sentence_end
 from mmalign.engines.hf_generation import (
     FinishReason,
     GenerationOutput,
     HFGenerationEngine,
     SamplingSettings,
-    _cut_at_stop,
+    ids_for_cut,
 )
 from mmalign.engines.mm_inputs import VLRequest
 
@@ -242,7 +243,11 @@ class VLLMGenerationEngine(HFGenerationEngine):
             temperature=settings.temperature,
             top_p=settings.top_p,
             max_tokens=settings.max_new_tokens,
-            stop=list(settings.stop_strings) or None,
+            # A sentence end is a stop followed by whitespace (mmalign.bdhs.
+            # cut_at_sentence_end): vLLM matches stop strings across tokens, so stop on
+            # ". " / ".\n" and cut after the ".". vLLM cannot look behind, so an abbreviation
+            # ("e.g. ") ends its continuation early, where the HF engine goes on.
+            stop=[s + w for s in settings.stop_strings for w in (" ", "\n")] or None,
             include_stop_str_in_output=True,
             stop_token_ids=sorted(self.eos_token_ids),
             seed=seed,
@@ -292,9 +297,9 @@ class VLLMGenerationEngine(HFGenerationEngine):
             outs = []
             for c in res.outputs:
                 o = self._output(c)
-                cut = _cut_at_stop(o.text, settings.stop_strings)
+                cut = cut_at_sentence_end(o.text, settings.stop_strings)
                 if cut is not None:
-                    o = GenerationOutput(cut, o.token_ids, "stop")
+                    o = GenerationOutput(cut, ids_for_cut(o.token_ids, cut, self.tokenizer), "stop")
                 outs.append(o)
             rows.append(outs)
         return rows

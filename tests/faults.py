@@ -1,0 +1,35 @@
+"""Fault injection for the Ray fault tests: kill a role's actor process for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def actor_pids(class_name: str) -> list[int]:
+    """Processes of this test's own Ray cluster (children of this process) hosting an actor
+    of `class_name`: Ray titles an actor's worker process 'ray::<Class>...'. Scoped to our
+    children so another Ray cluster on the machine is never touched."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith(f"ray::{class_name}"):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def kill_when_exists(marker: Path, class_name: str, killed: list[int], wait_s: float = 300) -> None:
+    """Once `marker` exists (or after wait_s), SIGKILL every `class_name` actor process and
+    record the pids in `killed` (run it in a thread beside the pipeline)."""
+    deadline = time.time() + wait_s
+    while time.time() < deadline and not marker.exists():
+        time.sleep(0.2)
+    for pid in actor_pids(class_name):
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)

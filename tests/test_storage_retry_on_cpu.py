@@ -1,0 +1,153 @@
+"""Transient S3 errors are retried with backoff; an endpoint that stays away fails naming
+the URI. The endpoint is a real moto server behind a loopback TCP proxy that the test
+takes down and brings back (moto keeps its buckets; only the network goes away)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+import pytest
+
+from mmalign import io as mio
+from mmalign import storage
+from mmalign.storage import RetryPolicy, StorageError
+
+
+class Proxy:
+    """A loopback TCP forwarder to `target`; stop() refuses connections and cuts open ones."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.server: socket.socket | None = None
+        self.conns: list[socket.socket] = []
+
+    def start(self) -> None:
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self.server = server
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            # shutdown wakes the accept() thread (close alone leaves the socket listening)
+            with contextlib.suppress(OSError):
+                self.server.shutdown(socket.SHUT_RDWR)
+            self.server.close()
+            self.server = None
+        for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+        self.conns = []
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture()
+def proxied(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Proxy]]:
+    url = urlparse(storage.os.environ["AWS_ENDPOINT_URL"])
+    proxy = Proxy((url.hostname or "127.0.0.1", int(url.port or 80)))
+    proxy.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # our policy, not botocore's, is measured
+    old = storage.retry_policy()
+    yield s3_bucket, proxy
+    storage.set_retry_policy(old)
+    proxy.stop()
+
+
+def test_retry_policy_waits_double_up_to_the_cap() -> None:
+    assert list(RetryPolicy(attempts=6, backoff_s=0.5, max_backoff_s=3).waits()) == [
+        0.5,
+        1.0,
+        2.0,
+        3.0,
+        3.0,
+    ]
+    assert list(RetryPolicy(attempts=1).waits()) == []
+    with pytest.raises(ValueError):
+        RetryPolicy(attempts=0)
+
+
+def test_transient_and_permanent_errors_are_told_apart() -> None:
+    from botocore.exceptions import ClientError, EndpointConnectionError
+
+    def client_error(code: str, status: int) -> ClientError:
+        body = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return ClientError(body, "PutObject")  # type: ignore[arg-type]
+
+    assert storage.is_transient(EndpointConnectionError(endpoint_url="http://x"))
+    assert storage.is_transient(ConnectionRefusedError())
+    assert storage.is_transient(client_error("SlowDown", 503))
+    assert storage.is_transient(client_error("InternalError", 500))
+    assert storage.is_transient(OSError("AWS Error NETWORK_CONNECTION during ... curlCode: 7"))
+    assert not storage.is_transient(client_error("NoSuchBucket", 404))
+    assert not storage.is_transient(client_error("AccessDenied", 403))
+
+
+def test_write_survives_the_endpoint_going_away_and_coming_back(
+    proxied: tuple[str, Proxy],
+) -> None:
+    bucket, proxy = proxied
+    storage.set_retry_policy(RetryPolicy(attempts=8, backoff_s=0.25, max_backoff_s=1.0))
+    storage.write_bytes(f"{bucket}/before.txt", b"1")
+    proxy.stop()
+    threading.Timer(2.0, proxy.start).start()  # back after ~2 s, mid-retry
+    t0 = time.time()
+    storage.write_bytes(f"{bucket}/during.txt", b"2")
+    assert time.time() - t0 >= 1.5  # it really waited for the endpoint
+    rows = [{"id": "a", "x": 1}]
+    import pyarrow as pa
+
+    proxy.stop()
+    threading.Timer(2.0, proxy.start).start()
+    mio.write_parquet(
+        rows, f"{bucket}/shard.parquet", pa.schema([("id", pa.string()), ("x", pa.int64())])
+    )
+    assert storage.read_bytes(f"{bucket}/during.txt") == b"2"
+    assert mio.read_parquet(f"{bucket}/shard.parquet").to_pylist() == rows
+
+
+def test_endpoint_that_stays_away_fails_naming_the_uri(proxied: tuple[str, Proxy]) -> None:
+    bucket, proxy = proxied
+    storage.set_retry_policy(RetryPolicy(attempts=3, backoff_s=0.1, max_backoff_s=0.2))
+    proxy.stop()
+    t0 = time.time()
+    with pytest.raises(StorageError) as err:
+        storage.write_bytes(f"{bucket}/x.txt", b"1")
+    assert str(err.value).startswith(f"{bucket}/x.txt: storage unreachable after 3 attempts")
+    assert time.time() - t0 < 30
+    with pytest.raises(StorageError, match=r"missing bucket|does not exist|unreachable"):
+        storage.read_bytes(f"{bucket}/x.txt")
