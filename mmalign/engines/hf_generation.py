@@ -4,7 +4,7 @@ We run our own decode loop over the language model (inputs_embeds + explicit pos
 + KV cache) instead of `model.generate`, because generate() recomputes position ids from
 the attention mask and so cannot express the "mask" semantics BDHS needs (see
 mm_inputs.py). With every image position visible the loop reproduces generate()'s greedy
-output token for token (tests/test_hf_generation_on_cpu.py).
+output token for token (tests/unit/test_hf_generation.py).
 """
 
 from __future__ import annotations

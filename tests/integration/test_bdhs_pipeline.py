@@ -27,7 +27,7 @@ from operators.bdhs import (
     to_preference_row,
 )
 
-TRAINED = Path(__file__).resolve().parents[1] / "assets/models/shapes-llava-small"
+TRAINED = Path(__file__).resolve().parents[2] / "assets/models/shapes-llava-small"
 SMALL = {"max_new_tokens": 8, "n_bdhs": 2, "splitter": "regex"}
 
 

@@ -19,7 +19,7 @@ from mmalign import config
 from mmalign.rows import resolve_rows
 from operators import prompt_source as ps
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "assets" / "models" / "shapes-llava-small"
 
 

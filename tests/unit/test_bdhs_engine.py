@@ -15,7 +15,7 @@ from bench.bench_vllm import char_embed
 from mmalign import config
 from mmalign.engines.bdhs_engine import POVID_NOISE_STEPS, BDHSEngine, BDHSRow, image_noise_steps
 
-POLICY = Path(__file__).resolve().parents[1] / "assets" / "models" / "shapes-llava-small"
+POLICY = Path(__file__).resolve().parents[2] / "assets" / "models" / "shapes-llava-small"
 
 
 @pytest.fixture(scope="module")

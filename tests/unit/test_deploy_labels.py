@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from mmalign.config import ConfigError, load, parse_resources
-from tests.test_deploy_kuberay_on_cpu import group_resources
+from tests.unit.test_deploy_kuberay import group_resources
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("sampler", "bdhs", "judge", "learner")
 
 

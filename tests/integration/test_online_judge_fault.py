@@ -15,7 +15,7 @@ import pytest
 from mmalign import config
 from tests.faults import kill_when_exists
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "assets" / "models" / "shapes-llava-small"
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from mmalign import config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "assets" / "models" / "shapes-llava-small"
 
 
@@ -34,7 +34,7 @@ def test_sampler_killed_mid_run_loses_and_duplicates_nothing_on_cpu(
     out = tmp_path / "run"
     extra = {}
     if mode == "online-bdhs":
-        from tests.test_online_bdhs_on_cpu import _offline_parquet
+        from tests.integration.test_online_bdhs import _offline_parquet
 
         _offline_parquet(tmp_path / "offline.parquet", 12)
         extra = {
@@ -99,7 +99,7 @@ def test_mixed_mode_draws_offline_pairs_with_probability_p_on_cpu(tmp_path: Path
     from actors.runtime import init_ray
     from mmalign import online
     from pipelines.online_dpo import run
-    from tests.test_online_bdhs_on_cpu import _offline_parquet
+    from tests.integration.test_online_bdhs import _offline_parquet
 
     _offline_parquet(tmp_path / "offline.parquet", 12)
     out = tmp_path / "run"

@@ -38,9 +38,9 @@ from typing import Any
 
 import pytest
 
-from tests.test_online_job_on_cpu import _policy, _port
+from tests.integration.test_online_job import _policy, _port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 

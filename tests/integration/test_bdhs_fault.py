@@ -16,7 +16,7 @@ from mmalign import io as mio
 from mmalign.config import load
 from tests.faults import kill_when_exists
 
-POLICY = Path(__file__).resolve().parents[1] / "assets/models/shapes-llava-small"
+POLICY = Path(__file__).resolve().parents[2] / "assets/models/shapes-llava-small"
 
 
 @pytest.mark.ray

@@ -20,7 +20,7 @@ from mmalign.config import JudgeConfig
 from mmalign.engines.judge_engine import JudgeEngine
 from pipelines.eval_judge import evaluate_judge, held_out_rows
 
-MODEL = Path(__file__).resolve().parents[1] / "assets" / "models" / "shapes-llava-judge"
+MODEL = Path(__file__).resolve().parents[2] / "assets" / "models" / "shapes-llava-judge"
 N_PAIRS = 160
 P_MAX = 1e-3
 

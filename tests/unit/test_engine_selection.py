@@ -3,7 +3,7 @@
 The config refuses vLLM with BDHS "mask" semantics at load time; the judge, the BDHS
 operator and the policy sampler reach the engine the config names; without the vllm
 package every vLLM path raises an ImportError that says how to install it, before any
-model is loaded. The vLLM engine itself is tested in tests/test_vllm_engine_on_cpu.py.
+model is loaded. The vLLM engine itself is tested in tests/unit/test_vllm_engine.py.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KUBE = ROOT / "deploy" / "kuberay"
 CLUSTER_KEYS = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions"}
 CLUSTER_KEYS |= {"headGroupSpec", "workerGroupSpecs"}

@@ -3,8 +3,8 @@ the actor / pool options the pipelines build (the same functions their `run` cal
 exactly that label. No Ray cluster is started.
 
 Every section gets its own label here, so a pipeline that drops its label or reads another
-role's section fails. tests/test_multinode_on_cpu.py checks on a real two-node cluster that
-options built this way land on the labelled node; tests/test_deploy_labels_on_cpu.py that
+role's section fails. tests/integration/test_multinode.py checks on a real two-node cluster that
+options built this way land on the labelled node; tests/unit/test_deploy_labels.py that
 the presets' labels exist on a node type.
 """
 
@@ -18,7 +18,7 @@ import yaml
 
 from mmalign.config import Config, load
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LABELS = {
     "sampler": {"sampler_node": 0.25},
     "bdhs": {"bdhs_node": 0.5},

@@ -11,7 +11,7 @@ import yaml
 
 from mmalign import config as C
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "pipelines" / "configs").glob("*.yaml"))
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from mmalign import config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "assets" / "models" / "shapes-llava-small"
 
 

@@ -23,7 +23,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # listeners on 
 
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GOOD = "There is a red circle and a blue square."
 BAD = "There is a red circle and a green triangle."
 OBJECTS = ["red circle", "blue square"]
@@ -120,7 +120,7 @@ def test_serve_yaml_deployments_agree_with_args_on_cpu() -> None:
     resources, autoscaling, max_ongoing_requests): both halves of the file must agree."""
     from ray.serve.schema import ServeDeploySchema
 
-    from tests.test_deploy_kuberay_on_cpu import check_deployments_match_args
+    from tests.unit.test_deploy_kuberay import check_deployments_match_args
 
     raw = yaml.safe_load((REPO / "deploy" / "serve_judge.yaml").read_text())
     (app,) = ServeDeploySchema.model_validate(raw).applications

@@ -1,7 +1,7 @@
 """pipelines/eval_judge.py end to end with the embedded judge (assets/models/shapes-llava-judge):
 the default ShapesWorld pairs and a held-out preference Parquet in our schema. Few pairs and
 few tokens, so only the report's fields and bookkeeping are asserted, not the accuracy
-(tests/test_judge_embedded_on_cpu.py measures that).
+(tests/quality/test_judge_embedded.py measures that).
 """
 
 from __future__ import annotations

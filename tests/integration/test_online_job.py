@@ -21,7 +21,7 @@ import pytest
 from mmalign.engines.checkpoint import latest_checkpoint
 from mmalign.models.tiny_llava import build_tiny_llava
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
