@@ -33,3 +33,18 @@ def kill_when_exists(marker: Path, class_name: str, killed: list[int], wait_s: f
     for pid in actor_pids(class_name):
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
+
+
+def pair_logs_once(out: Path, steps: int, total_pairs: int) -> list[dict]:
+    """The online run's pair logs, checked: one file per step, every pair trained on once
+    (by id and by (id, weight version)), as many as the summary counted (> 0)."""
+    import json
+
+    paths = sorted((out / "pairs").glob("step-*.jsonl"))
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines()]
+    assert len(paths) == steps
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "a pair was trained on twice"
+    assert len({(r["id"], r["version"]) for r in rows}) == len(rows)
+    assert len(rows) == total_pairs > 0
+    return rows

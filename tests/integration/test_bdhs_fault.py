@@ -41,6 +41,7 @@ def test_embedder_killed_mid_bdhs_loses_and_duplicates_nothing(tmp_path: Path) -
             "bdhs.splitter": "regex",
             "storage.output_dir": str(tmp_path / "run"),
             "storage.shard_rows": 4,
+            "bdhs.identical": "flag",  # keep every row: this test counts them by id
         },
     )
     out_dir = tmp_path / "run" / "bdhs"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mmalign import config
+from tests.faults import pair_logs_once
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "assets" / "models" / "shapes-llava-small"
@@ -78,16 +79,7 @@ def test_sampler_killed_mid_run_loses_and_duplicates_nothing_on_cpu(
     assert killed == ["sampler-0"]
     assert "sampler 0 died; replacing it" in capsys.readouterr().out
     assert summary["steps"] == 5
-    rows = [
-        json.loads(line)
-        for path in sorted((out / "pairs").glob("step-*.jsonl"))
-        for line in path.read_text().splitlines()
-    ]
-    assert len(list((out / "pairs").glob("step-*.jsonl"))) == 5
-    ids = [r["id"] for r in rows]
-    assert len(ids) == len(set(ids)), "a pair was trained on twice"
-    assert len({(r["id"], r["version"]) for r in rows}) == len(rows)
-    assert len(rows) == summary["totals"]["pairs"] > 0
+    rows = pair_logs_once(out, 5, summary["totals"]["pairs"])
     assert all(r["lag"] in (0, 1) for r in rows)  # max_staleness 1
 
 

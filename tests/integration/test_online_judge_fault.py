@@ -6,14 +6,13 @@ run must complete with every trained pair logged once.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 import pytest
 
 from mmalign import config
-from tests.faults import kill_when_exists
+from tests.faults import kill_when_exists, pair_logs_once
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICY = ROOT / "assets" / "models" / "shapes-llava-small"
@@ -53,12 +52,5 @@ def test_judge_killed_mid_run_loses_and_duplicates_nothing(tmp_path: Path) -> No
         ray.shutdown()
     assert len(killed) == 1, "the judge was never killed: the test proved nothing"
     assert summary["steps"] == 4
-    rows = [
-        json.loads(line)
-        for path in sorted((out / "pairs").glob("step-*.jsonl"))
-        for line in path.read_text().splitlines()
-    ]
-    assert len(list((out / "pairs").glob("step-*.jsonl"))) == 4
-    ids = [r["id"] for r in rows]
-    assert len(ids) == len(set(ids)), "a pair was trained on twice"
-    assert len(rows) == summary["totals"]["pairs"] > 0
+    rows = pair_logs_once(out, 4, summary["totals"]["pairs"])
+    assert rows
