@@ -324,8 +324,9 @@ class StorageConfig:
     retries: int = opt(
         6,
         "Attempts of an S3 operation that fails transiently (connection refused/reset, "
-        "timeouts, 5xx, throttling) before the run fails naming the URI; applies to the "
-        "driver's reads and writes (inputs, shards, quarantine, reports).",
+        "timeouts, 5xx, throttling) before the run fails naming the URI; set by "
+        "pipelines/bdhs.py for its driver's reads and writes (other pipelines and actors "
+        "use the default).",
     )
     retry_backoff_s: float = opt(
         0.5, "First wait between S3 retries in seconds; doubles per retry, capped at 8 s."
