@@ -247,3 +247,29 @@ def markdown_table(
     for label, m in rows:
         lines.append(f"| {label} | " + " | ".join(cell(m.get(k)) for _, k in columns) + " |")
     return "\n".join(lines)
+
+
+# (label, getter) of the figures a run prints for the base policy beside the trained one.
+HEADLINE: tuple[tuple[str, str, str], ...] = (
+    ("CHAIR_i", "chair", "chair_i"),
+    ("CHAIR_s", "chair", "chair_s"),
+    ("Recall", "chair", "recall"),
+    ("POPE F1 (mean)", "", "pope_mean_f1"),
+)
+
+
+def headline(report: Mapping[str, Any]) -> dict[str, float]:
+    """The HEADLINE figures of a report, as rates in [0, 1]."""
+    return {
+        label: float(report[section][key] if section else report[key])
+        for label, section, key in HEADLINE
+    }
+
+
+def format_comparison(base: Mapping[str, float], final: Mapping[str, float]) -> str:
+    """Base policy vs trained policy, in percent, with the change (lower CHAIR is better)."""
+    lines = [f"{'':<16}{'base':>8}{'trained':>9}{'change':>8}"]
+    for label in base:
+        b, f = 100 * base[label], 100 * final[label]
+        lines.append(f"{label:<16}{b:8.2f}{f:9.2f}{f - b:+8.2f}")
+    return "\n".join(lines)

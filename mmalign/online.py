@@ -145,3 +145,23 @@ def staleness(sample_version: int, learner_version: int) -> int:
 
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def tie_rate(totals: Mapping[str, int]) -> float:
+    """Share of judged comparisons that tied (0.0 when nothing was judged)."""
+    judged = int(totals.get("judged", 0))
+    return int(totals.get("ties", 0)) / judged if judged else 0.0
+
+
+def tie_hint(totals: Mapping[str, int], threshold: float = 0.5) -> str:
+    """A line for the user when most comparisons tied ("" otherwise): a tie trains nothing,
+    so a run that mostly ties learns little however long it runs."""
+    rate = tie_rate(totals)
+    if rate <= threshold:
+        return ""
+    return (
+        f"{100 * rate:.0f}% of {totals.get('judged', 0)} comparisons tied, and a tie trains "
+        "nothing: the judge could not tell the samples apart. Try more diverse samples "
+        "(raise sampler.temperature or sampler.samples_per_prompt) or a stronger judge "
+        "(judge.model)."
+    )

@@ -51,8 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 
 from mmalign import io as mio  # noqa: E402
 from mmalign import online, storage  # noqa: E402
+from mmalign import quarantine as guard  # noqa: E402
 from mmalign.config import Config, ConfigError, check_bdhs_engine, parse_args  # noqa: E402
 from mmalign.engines import checkpoint  # noqa: E402
+from mmalign.evaluation import format_comparison, headline  # noqa: E402
 from mmalign.pair_sources import BDHSSource, MixedSource, OnlineSource, PairSource  # noqa: E402
 
 if TYPE_CHECKING:
@@ -113,8 +115,8 @@ def load_offline(cfg: Config) -> list[dict[str, Any]]:
         mio.write_jsonl(bad, storage.join(cfg.storage.output_dir, "quarantine_offline.jsonl"))
         print(f"quarantined {len(bad)} offline pairs -> quarantine_offline.jsonl")
     good = [{**r, "source": "offline", "version": -1} for r in rows if not r["error"]]
-    if not good:
-        raise ConfigError(f"data.offline_pairs: no usable pairs in {cfg.data.offline_pairs}")
+    what = f"data.offline_pairs {cfg.data.offline_pairs}"
+    guard.check(what, len(rows), bad, cfg.data.max_quarantined, usable=len(good))
     return good
 
 
@@ -149,6 +151,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from actors.metrics import MetricsSink
 
     check_config(cfg)
+    storage.use_config(cfg.storage)  # retries of transient storage errors, for this driver
     L, P, out = cfg.learner, cfg.pipeline, cfg.storage.output_dir
     roles, source = start(cfg)
     prog = resume(cfg, roles)
@@ -281,8 +284,9 @@ def read_prompts(cfg: Config) -> Any:
     if source.quarantine:
         mio.write_jsonl(source.quarantine, storage.join(out, "quarantine.jsonl"))
         print(f"quarantined {len(source.quarantine)} prompt rows -> {out}/quarantine.jsonl")
-    if not len(source):
-        raise ConfigError(f"data.prompts: no usable prompt rows in {cfg.data.prompts}")
+    total = len(source) + len(source.quarantine)
+    what = f"data.prompts {cfg.data.prompts}"
+    guard.check(what, total, source.quarantine, cfg.data.max_quarantined, usable=len(source))
     return source
 
 
@@ -403,21 +407,32 @@ def finish(cfg: Config, roles: Roles, sink: Any, progress: Progress) -> dict[str
             "busy_fraction": {role: round(f, 4) for role, f in fractions.items()},
         },
     }
+    summary["judge"] = {"tie_rate": round(online.tie_rate(progress.totals), 4)}
     if cfg.pipeline.eval_rows > 0:
         summary["eval"] = final_eval(cfg, merged)
+        summary["base_eval"] = final_eval(cfg, cfg.sampler.model, "base_report.json")
     storage.write_bytes(storage.join(out, "summary.json"), json.dumps(summary, indent=2).encode())
     print(json.dumps(summary))
+    if "eval" in summary:
+        print(format_comparison(summary["base_eval"], summary["eval"]))
+    if hint := online.tie_hint(progress.totals):
+        print(f"note: {hint}")
     return summary
 
 
-def final_eval(cfg: Config, merged: str) -> dict[str, float]:
-    """ShapesWorld evaluation of the merged policy to eval/report.json; its headline."""
+def final_eval(cfg: Config, model: str, name: str = "report.json") -> dict[str, float]:
+    """Evaluation of `model` to eval/<name>; its headline figures (CHAIR_i, CHAIR_s,
+    Recall, POPE F1). The base policy's report is kept, so a resumed run reuses it."""
     from pipelines.evaluate import run_evaluation
 
-    report = run_evaluation(cfg, model=merged, max_rows=cfg.pipeline.eval_rows)
-    uri = storage.join(cfg.storage.output_dir, "eval", "report.json")
+    uri = storage.join(cfg.storage.output_dir, "eval", name)
+    if model == cfg.sampler.model and storage.exists(uri):
+        cached = json.loads(storage.read_bytes(uri))
+        if cached.get("model") == model and cached.get("n_images") == cfg.pipeline.eval_rows:
+            return headline(cached)
+    report = run_evaluation(cfg, model=model, max_rows=cfg.pipeline.eval_rows)
     storage.write_bytes(uri, json.dumps(report, indent=2).encode())
-    return {"pope_mean_f1": report["pope_mean_f1"], "chair_i": report["chair"]["chair_i"]}
+    return headline(report)
 
 
 def pair_log(pair: dict[str, Any], step: int, version: int) -> dict[str, Any]:
@@ -441,9 +456,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv, description=__doc__)
     try:
         check_config(cfg)
-    except ConfigError as err:
+        return run(cfg)
+    except (ConfigError, guard.QuarantineError) as err:
         raise SystemExit(f"online_dpo.py: error: {err}") from None
-    return run(cfg)
 
 
 if __name__ == "__main__":

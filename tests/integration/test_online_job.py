@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -144,6 +145,13 @@ def test_ray_job_submit_online_dpo_on_cpu(tmp_path: Path) -> None:
         # the actors' own busy timers (exported from the sampler/judge/learner processes)
         assert any("mmalign_busy_seconds" in name for name in seen), sorted(seen)
         assert set(summary["loop"]["busy_fraction"]) == {"sampler", "judge", "learner"}
+        # the base policy's figures beside the trained one's, and the judge's tie rate
+        base = json.loads((out / "eval" / "base_report.json").read_text())
+        assert base["model"] == _policy(tmp_path) and base["n_images"] == 2
+        assert set(summary["base_eval"]) == set(summary["eval"]) >= {"CHAIR_i", "Recall"}
+        assert summary["base_eval"]["CHAIR_i"] == base["chair"]["chair_i"]
+        assert 0.0 <= summary["judge"]["tie_rate"] <= 1.0
+        assert re.search(r"^CHAIR_i +[\d.]+ +[\d.]+ +[+-][\d.]+$", log, re.M), log[-3000:]
 
         # rerun the same command: it resumes at step 4 and has nothing left to train
         again = subprocess.run(

@@ -144,3 +144,34 @@ def test_online_run_reports_quarantined_prompts_and_goes_on_on_cpu(tmp_path: Pat
     ]
     assert not {r["id"].split("@")[0] for r in logged} & bad_ids
     assert len({r["id"] for r in logged}) == len(logged)  # at most one pair per prompt and step
+
+
+@pytest.mark.ray
+def test_online_run_stops_when_most_prompts_are_quarantined(tmp_path: Path) -> None:
+    """8 of 10 prompt rows without an image: a systematic error, not bad data. The job
+    stops before any role starts, naming the share and the top reason."""
+    import ray
+
+    from pipelines.online_dpo import main
+
+    uri = _llava_json(tmp_path, 10)
+    items = json.loads(Path(uri).read_text())
+    for item in items[:8]:
+        item.pop("image", None)
+    Path(uri).write_text(json.dumps(items))
+    out = tmp_path / "run"
+    args = ["--config", str(ROOT / "pipelines/configs/shapes-cpu.yaml"), "--data.prompts", uri]
+    args += ["--sampler.model", str(POLICY), "--storage.output_dir", str(out)]
+    from actors.runtime import init_ray
+
+    init_ray(local_cpus=8)
+    try:
+        with pytest.raises(SystemExit) as err:
+            main(args)
+    finally:
+        ray.shutdown()
+    msg = str(err.value)
+    assert msg.startswith("online_dpo.py: error: data.prompts"), msg
+    assert "8 of 10 rows (80%) quarantined" in msg and "8 x image: missing" in msg, msg
+    assert len((out / "quarantine.jsonl").read_text().splitlines()) == 8
+    assert not (out / "checkpoints").exists()

@@ -173,3 +173,17 @@ def test_report_formatting_on_cpu() -> None:
     flat = report_metrics(report)
     assert flat["pope/mean_f1"] == 1.0 and flat["chair/chair_i"] == 0.0
     assert flat["pope/random/yes_ratio"] == 0.5
+
+
+def test_headline_and_comparison_show_base_beside_trained() -> None:
+    from mmalign.evaluation import format_comparison, headline
+
+    def report(ci: float, cs: float, rec: float, f1: float) -> dict:
+        return {"chair": {"chair_i": ci, "chair_s": cs, "recall": rec}, "pope_mean_f1": f1}
+
+    base, trained = headline(report(0.30, 0.5, 0.6, 0.7)), headline(report(0.25, 0.5, 0.65, 0.7))
+    assert base == {"CHAIR_i": 0.30, "CHAIR_s": 0.5, "Recall": 0.6, "POPE F1 (mean)": 0.7}
+    lines = format_comparison(base, trained).splitlines()
+    assert lines[0].split() == ["base", "trained", "change"]
+    assert lines[1].split() == ["CHAIR_i", "30.00", "25.00", "-5.00"]
+    assert lines[3].split() == ["Recall", "60.00", "65.00", "+5.00"]

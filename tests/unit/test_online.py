@@ -91,3 +91,11 @@ def test_busy_fractions_per_role() -> None:
     assert got == {"sampler": 7.0 / 20.0, "learner": 0.8, "judge": 0.3}
     # a replaced actor restarts at 0: its slot counts the replacement's own work
     assert busy_fractions({"sampler": [5.0]}, {"sampler": [1.0]}, 10.0) == {"sampler": 0.1}
+
+
+def test_tie_rate_and_hint_only_when_most_comparisons_tie() -> None:
+    assert online.tie_rate({"judged": 0, "ties": 0}) == 0.0
+    assert online.tie_rate({"judged": 8, "ties": 2}) == 0.25
+    assert online.tie_hint({"judged": 8, "ties": 4}) == ""  # half is not "most"
+    hint = online.tie_hint({"judged": 8, "ties": 7})
+    assert hint.startswith("88% of 8 comparisons tied") and "sampler.temperature" in hint
