@@ -65,7 +65,12 @@ def per_sample(engine, rows, settings, bdhs) -> dict[str, float]:  # noqa: ANN00
 
         rng = np.random.default_rng(i)
         bdhs_sample(
-            ref, counted, char_embed, rng, bdhs, num_image_positions=engine.num_image_tokens
+            ref,
+            counted,
+            char_embed,
+            rng,
+            bdhs,
+            num_image_positions=engine.image_token_count(prompt, image),
         )
     dt = time.perf_counter() - t0
     return {"seconds": round(dt, 3), "tokens": tokens, "tok_per_s": round(tokens / dt, 1)}
@@ -78,7 +83,7 @@ def batched(engine, rows, settings, bdhs) -> dict[str, float]:  # noqa: ANN001
     reqs = []
     for i, (prompt, image, ref) in enumerate(rows):
         rng = np.random.default_rng(i)
-        vis = sample_visibility_mask(engine.num_image_tokens, bdhs.rho_th, rng)
+        vis = sample_visibility_mask(engine.image_token_count(prompt, image), bdhs.rho_th, rng)
         plan = plan_continuations(ref, sentence_spans(ref), vis, rng)
         reqs += [VLRequest(prompt, image, r.response_prefix, vis, i) for r in plan.requests]
     t0 = time.perf_counter()

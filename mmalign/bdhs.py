@@ -332,7 +332,7 @@ def bdhs_sample_batch(
     rngs: Sequence[np.random.Generator],
     settings: BDHSConfig,
     *,
-    num_image_positions: int,
+    num_image_positions: int | Sequence[int],
     splitter: Splitter = split_sentences_regex,
 ) -> list[BDHSResult]:
     """bdhs_sample for n rows stepping together: one generate_fn and one embed_fn call per try.
@@ -350,11 +350,20 @@ def bdhs_sample_batch(
         embed_fn: list of texts -> float array [len, d]; called once for the n references,
             then once per try with the open rows' candidates.
         rngs: n generators, one per row.
+        num_image_positions: image-feature positions of every row, or one count per row
+            (LLaVA-1.6 AnyRes: each image's own tile and newline tokens).
     Returns: n BDHSResult, in the order of references.
     """
     n = len(references)
     if len(rngs) != n:
         raise ValueError(f"bdhs_sample_batch: {len(rngs)} rngs for {n} references")
+    n_image = (
+        [num_image_positions] * n
+        if isinstance(num_image_positions, int)
+        else [int(k) for k in num_image_positions]
+    )
+    if len(n_image) != n:
+        raise ValueError(f"bdhs_sample_batch: {len(n_image)} image counts for {n} references")
     if n == 0:
         return []
     spans = [sentence_spans(ref, splitter) for ref in references]
@@ -364,8 +373,7 @@ def bdhs_sample_batch(
     open_rows = list(range(n))
     for i in range(1, settings.n_bdhs + 1):
         visible = {
-            r: sample_visibility_mask(num_image_positions, settings.rho_th, rngs[r])
-            for r in open_rows
+            r: sample_visibility_mask(n_image[r], settings.rho_th, rngs[r]) for r in open_rows
         }
         unguided = settings.n_bdhs > 1 and i == settings.n_bdhs
         plans: dict[int, ContinuationPlan] = {}
@@ -385,7 +393,7 @@ def bdhs_sample_batch(
             sims[r].append(cosine(embs[j], ref_embs[r]))
             accepted = unguided or sims[r][-1] < settings.eps_s
             if accepted or i == settings.n_bdhs:
-                density = float(visible[r].mean()) if num_image_positions else 0.0
+                density = float(visible[r].mean()) if n_image[r] else 0.0
                 results[r] = _result(
                     rejected[r], sims[r], i, unguided, accepted, plans.get(r), density
                 )

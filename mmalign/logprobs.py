@@ -141,9 +141,26 @@ def build_response_batch(
 
     batch = _pad_sequences(seqs, pad, padding_side)
     for key in image_feats[0] if image_feats else ():
-        per_row = torch.cat([f[key] for f in image_feats], 0)  # [B, ...]
+        per_row = stack_image_inputs([f[key] for f in image_feats])  # [B, ...]
         batch[key] = per_row.repeat(g, *([1] * (per_row.dim() - 1)))  # group-major like rows
     return batch
+
+
+def stack_image_inputs(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-row processor outputs [1, ...] -> [B, ...]. LLaVA-1.6 (AnyRes) gives each image
+    its own number of tiles (pixel_values [1, n_b, C, H, W]); rows are zero-padded to the
+    largest n_b, as the processor pads a batch: the model keeps only each image's first
+    n_b tiles (from `image_sizes`), so the padding never reaches a feature."""
+    if len({tuple(v.shape[1:]) for v in values}) <= 1:
+        return torch.cat(list(values), 0)
+    if len({v.dim() for v in values}) != 1 or len({tuple(v.shape[2:]) for v in values}) != 1:
+        shapes = sorted({tuple(v.shape) for v in values})
+        raise ValueError(f"image inputs of different shapes cannot be batched: {shapes}")
+    n = max(v.shape[1] for v in values)
+    out = values[0].new_zeros((len(values), n, *values[0].shape[2:]))
+    for b, v in enumerate(values):
+        out[b, : v.shape[1]] = v[0]
+    return out
 
 
 def _group_size(

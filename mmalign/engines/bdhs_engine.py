@@ -58,6 +58,7 @@ class BDHSRow:
     image: Any
     reference: str
     seed: int
+    n_image: int = 0  # image-token positions of this row (its visibility mask's length)
 
 
 class BDHSEngine:
@@ -125,16 +126,19 @@ class BDHSEngine:
         except Exception as err:  # noqa: BLE001 - any decode failure is a row error
             return f"images: unreadable ({type(err).__name__}: {err})"[:300]
         text = default_prompt_text(self.engine.processor, prompt)
-        return self._too_long(text, reference) or BDHSRow(text, pil, reference, seed)
+        n_image = self.engine.image_token_count(text, pil)
+        return self._too_long(text, reference, n_image) or BDHSRow(
+            text, pil, reference, seed, n_image
+        )
 
-    def _too_long(self, prompt_text: str, reference: str) -> str:
+    def _too_long(self, prompt_text: str, reference: str, n_image: int) -> str:
         """'' when prompt + image features + y+ + new tokens fit the model, else the reason."""
         if not self.max_positions:
             return ""
         tok = self.engine.tokenizer
         n_text = len(tok(prompt_text + " " + reference, add_special_tokens=True)["input_ids"])
-        # the single image placeholder expands to num_image_tokens positions
-        total = n_text - 1 + self.engine.num_image_tokens + self.sampling.max_new_tokens
+        # the single image placeholder expands to the row's n_image positions
+        total = n_text - 1 + n_image + self.sampling.max_new_tokens
         if total > self.max_positions:
             return f"prompt: too long ({total} positions > {self.max_positions})"
         return ""
@@ -173,10 +177,10 @@ class BDHSEngine:
             self.embed_fn,
             np.random.default_rng(row.seed),
             self.bdhs,
-            num_image_positions=self.engine.num_image_tokens,
+            num_image_positions=row.n_image,
             splitter=self.splitter,
         )
-        return result_row(res)
+        return result_row(res, row.n_image)
 
     def _bdhs_rows(self, rows: list[BDHSRow]) -> list[RowResult]:
         from mmalign.bdhs import bdhs_sample_batch
@@ -189,10 +193,10 @@ class BDHSEngine:
             self.embed_fn,
             [np.random.default_rng(r.seed) for r in rows],
             self.bdhs,
-            num_image_positions=self.engine.num_image_tokens,
+            num_image_positions=[r.n_image for r in rows],
             splitter=self.splitter,
         )
-        return [result_row(res) for res in results]
+        return [result_row(res, r.n_image) for res, r in zip(results, rows)]
 
     def _povid_rows(self, rows: list[BDHSRow]) -> list[RowResult]:
         from mmalign.engines.mm_inputs import VLRequest
@@ -207,9 +211,11 @@ class BDHSEngine:
         return [_checked(o.text.strip(), {"iterations": 1}, "") for o in outs]
 
 
-def result_row(res: Any) -> RowResult:
-    """A mmalign.bdhs.BDHSResult -> {rejected, meta, error} of one row."""
+def result_row(res: Any, image_tokens: int) -> RowResult:
+    """A mmalign.bdhs.BDHSResult -> {rejected, meta, error} of one row; `image_tokens` is
+    the row's image-token count, the denominator of its mask density."""
     meta = {
+        "image_tokens": image_tokens,
         "iterations": res.tries,
         "similarity": res.similarity,
         "final_unguided": res.final_unguided,

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from mmalign.bdhs import BatchGenerateFn, ContinuationRequest, GenerateFn, cut_at_sentence_end
-from mmalign.engines.mm_inputs import MaskMode, MMBatch, VLRequest, build_mm_batch, model_device
+from mmalign.engines.mm_inputs import (
+    MaskMode,
+    MMBatch,
+    VLRequest,
+    build_mm_batch,
+    count_image_tokens,
+    model_device,
+)
 
 if TYPE_CHECKING:
     from mmalign.config import SamplerConfig
@@ -129,10 +136,11 @@ class HFGenerationEngine:
         model, processor = load_model(path, **load_kwargs)
         return cls(model, processor)
 
-    @property
-    def num_image_tokens(self) -> int:
-        """Image-feature positions per image (the length of a visibility mask)."""
-        return int(self.model.config.image_seq_length)
+    def image_token_count(self, prompt_text: str, image: Any) -> int:
+        """Image-feature positions of `image` in `prompt_text` (the length of its
+        visibility mask): the processor's own expansion, so LLaVA-1.6 AnyRes rows get their
+        tile and newline tokens counted, not `config.image_seq_length`."""
+        return count_image_tokens(self.processor, prompt_text, image)
 
     def _batch(self, requests: Sequence[VLRequest], mode: MaskMode, eos: bool) -> MMBatch:
         return build_mm_batch(

@@ -73,6 +73,29 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def image_features(model: Any, enc: Any) -> Sequence[torch.Tensor]:
+    """Per image, the projected features [n_b, D] that replace its `<image>` tokens, from a
+    processor output `enc`. Every per-image processor output goes to the model: LLaVA-1.6
+    (AnyRes) needs `image_sizes` to unpad its grid tiles and adds a newline feature per
+    row of features, so n_b differs between images; LLaVA-1.5 gives the same n for all."""
+    device = model_device(model)
+    kwargs = {k: v.to(device) for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    kwargs["pixel_values"] = kwargs["pixel_values"].to(dtype=model.dtype)
+    return model.get_image_features(**kwargs).pooler_output
+
+
+def count_image_tokens(processor: Any, prompt: str, image: Any) -> int:
+    """Image-token positions the processor gives `image` in `prompt` (the length of the
+    row's visibility mask): fixed per model for LLaVA-1.5, per image size for AnyRes."""
+    enc = processor(images=[to_pil(image)], text=[prompt], return_tensors="pt")
+    return int((enc["input_ids"][0] == image_token_id(processor)).sum())
+
+
+def image_token_id(processor: Any) -> int:
+    tok = processor.tokenizer
+    return int(tok.convert_tokens_to_ids(processor.image_token))
+
+
 def build_mm_batch(
     model: Any,
     processor: Any,
@@ -99,8 +122,7 @@ def build_mm_batch(
         return_tensors="pt",
         padding=True,
     )
-    pixel_values = enc["pixel_values"].to(device=device, dtype=model.dtype)
-    features = model.get_image_features(pixel_values=pixel_values).pooler_output
+    features = image_features(model, enc)
     embed = model.get_input_embeddings()
     image_token_id = model.config.image_token_id
 

@@ -32,15 +32,12 @@ def generate_greedy(
     """
     engine = HFGenerationEngine(model, processor)
     rng = np.random.default_rng(seed)
-    n_image = engine.num_image_tokens
-    requests = [
-        VLRequest(
-            format_prompt(question),
-            png,
-            visible=None if keep_prob >= 1.0 else rng.random(n_image) < keep_prob,
-        )
-        for png, question in items
-    ]
+    requests = []
+    for png, question in items:
+        prompt, visible = format_prompt(question), None
+        if keep_prob < 1.0:
+            visible = rng.random(engine.image_token_count(prompt, png)) < keep_prob
+        requests.append(VLRequest(prompt, png, visible=visible))
     settings = SamplingSettings(max_new_tokens=max_new_tokens, stop_strings=())
     return [out.text.strip() for out in engine.generate(requests, settings)]
 

@@ -39,6 +39,29 @@ def _check_model_dir(local: str, shown: str) -> None:
         )
 
 
+# The architectures every role is tested with (README "Supported models"): a CLIP-style
+# vision tower, a projector and a Llama-family language model, one <image> placeholder that
+# the processor expands to the image's feature positions.
+SUPPORTED = {
+    "LlavaForConditionalGeneration": "LLaVA-1.5 (fixed 336 px grid)",
+    "LlavaNextForConditionalGeneration": "LLaVA-1.6 / LLaVA-NeXT (AnyRes tiles)",
+}
+
+
+def check_architecture(config: object, shown: str) -> str:
+    """The checkpoint's architecture class, or a ValueError naming it and what is missing."""
+    names = list(getattr(config, "architectures", None) or [type(config).__name__])
+    for name in names:
+        if name in SUPPORTED:
+            return name
+    have = ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items())
+    raise ValueError(
+        f"{shown}: architecture {names[0]} is not supported. mmalign's roles need a LLaVA-style "
+        "model (vision tower + projector + language model, get_image_features, one <image> "
+        f"placeholder expanded by the processor); supported: {have}"
+    )
+
+
 def load_model(path_or_uri: str, dtype: str = "float32", device: str = "cpu"):  # noqa: ANN201
     """(model, processor) from a local dir, an s3://bucket/prefix or a hub id.
 
@@ -51,11 +74,12 @@ def load_model(path_or_uri: str, dtype: str = "float32", device: str = "cpu"):  
         (AutoModelForImageTextToText instance in eval mode on `device`, AutoProcessor).
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     source = resolve_model_dir(path_or_uri)
+    check_architecture(AutoConfig.from_pretrained(source), path_or_uri)
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=getattr(torch, dtype))
     processor = AutoProcessor.from_pretrained(source)
     return model.to(device).eval(), processor  # type: ignore[arg-type]

@@ -279,9 +279,8 @@ def test_bdhs_generate_fn_on_cpu(engine: HFGenerationEngine) -> None:
 
     image = _images(1)[0]
     reference = "There is a red circle. It is left of a blue square."
-    generate_fn = engine.bdhs_generate_fn(
-        format_prompt("Describe the image."), image, SamplingSettings(max_new_tokens=12)
-    )
+    prompt = format_prompt("Describe the image.")
+    generate_fn = engine.bdhs_generate_fn(prompt, image, SamplingSettings(max_new_tokens=12))
 
     def embed(texts: list[str]) -> np.ndarray:
         return np.ones((len(texts), 2))  # cosine 1.0: the gate never passes
@@ -292,7 +291,7 @@ def test_bdhs_generate_fn_on_cpu(engine: HFGenerationEngine) -> None:
         embed,
         np.random.default_rng(0),
         BDHSConfig(rho_th=0.99, n_bdhs=2),
-        num_image_positions=engine.num_image_tokens,
+        num_image_positions=engine.image_token_count(prompt, image),
     )
     assert res.final_unguided and res.tries == 2 and res.rejected
     assert len(res.similarities) == 2 and res.similarities[0] == pytest.approx(1.0)
