@@ -129,11 +129,12 @@ def _resume_from(cfg: Config, checkpoints: str) -> str:
 
 
 def _evaluate(cfg: Config, model_dir: str) -> dict[str, Any]:
-    """The ShapesWorld evaluation of the merged model (pipelines/evaluate.py), printed."""
+    """The evaluation of the merged model (pipelines/evaluate.py) on pipeline.eval_rows
+    images, printed."""
     from mmalign.evaluation import format_report
     from pipelines.evaluate import run_evaluation
 
-    report = dict(run_evaluation(cfg, model_dir))
+    report = dict(run_evaluation(cfg, model_dir, max_rows=cfg.pipeline.eval_rows))
     print(format_report(report))
     return report
 
@@ -191,7 +192,7 @@ def run(cfg: Config, evaluate: bool = True) -> dict[str, Any]:
         "evaluation": None,
         "config": to_dict(cfg),
     }
-    if evaluate:
+    if evaluate and cfg.pipeline.eval_rows > 0:  # 0 = skip it (the field's help)
         metrics["evaluation"] = _evaluate(cfg, merged)
     storage.write_bytes(storage.join(out, "metrics.json"), json.dumps(metrics, indent=1).encode())
     return metrics

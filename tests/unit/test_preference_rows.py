@@ -160,7 +160,12 @@ def test_mixed_mdpo_offline_rows_rank_as_pairs_on_cpu(tmp_path) -> None:
         _ours(id="extra", rejected_extra=["Maybe."]),
     ]
     mio.write_preferences(rows, str(tmp_path / "pairs.parquet"))
-    over = {"data.offline_pairs": str(tmp_path / "pairs.parquet"), "learner.loss": "mdpo"}
+    over = {
+        "data.offline_pairs": str(tmp_path / "pairs.parquet"),
+        "learner.loss": "mdpo",
+        # two of three rows are bad on purpose: lift the systematic-error guard
+        "data.max_quarantined": 1.0,
+    }
     cfg = C.load(None, {**over, "storage.output_dir": str(tmp_path / "run")})
     good = load_offline(cfg)
     assert [(r["id"], r["responses"]) for r in good] == [("pair", ["Yes.", "No."])]
