@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 
 class QuarantineError(RuntimeError):
     """Too many rows were quarantined; the message counts the top reasons."""
+
+
+class SystematicFailure(RuntimeError):
+    """Most rows of one batch failed with the same engine error: stop, do not quarantine."""
 
 
 def reason_kind(reason: str) -> str:
@@ -58,3 +62,41 @@ def check(
     raise QuarantineError(
         f"{what}: {verdict} — a systematic error, not bad data. Top reasons: {reasons or 'none'}"
     )
+
+
+def check_batch(errors: Sequence[str], max_share: float, what: str) -> None:
+    """Raise SystematicFailure when more than `max_share` of one batch's rows (at least 2)
+    failed with the same kind of error (`errors`: one per row, "" = fine).
+
+    One bad row is bad data; the same engine error on most of a batch (a wrong checkpoint,
+    an unsupported architecture, a broken engine) would fail every batch after it too, so
+    the job stops with that error instead of quarantining the whole dataset. 1.0 = never."""
+    failed = [e for e in errors if e]
+    if len(errors) < 2 or max_share >= 1.0 or not failed:
+        return
+    kind, count = Counter(reason_kind(e) for e in failed).most_common(1)[0]
+    if count / len(errors) <= max_share:
+        return
+    example = next(e for e in failed if reason_kind(e) == kind)
+    raise SystematicFailure(
+        f"{what}: {count} of {len(errors)} rows of one batch failed with the same error, "
+        f"above sampler.max_batch_errors {max_share:g} — a systematic failure, not bad data: "
+        f"{example}"
+    )
+
+
+def find_systematic(err: BaseException) -> str | None:
+    """The message of a SystematicFailure behind `err`, if any: in its cause chain, or in
+    the text of a Ray error (Ray Data re-raises a worker's exception as a RayTaskError
+    holding the remote traceback as text)."""
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, SystematicFailure):
+            return str(cur).splitlines()[0] if str(cur) else type(cur).__name__
+        found = re.search(r"SystematicFailure: (.+)", str(cur))
+        if found:
+            return found.group(1).strip()
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None

@@ -263,6 +263,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary = run_bdhs(cfg)
     except guard.QuarantineError as err:
         raise SystemExit(f"bdhs.py: error: {err}") from None
+    except Exception as err:  # Ray wraps an operator's SystematicFailure
+        failure = guard.find_systematic(err)
+        if failure is None:
+            raise
+        raise SystemExit(f"bdhs.py: error: {failure}") from None
     print(json.dumps(summary, indent=2))
     return summary
 

@@ -459,6 +459,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return run(cfg)
     except (ConfigError, guard.QuarantineError) as err:
         raise SystemExit(f"online_dpo.py: error: {err}") from None
+    except Exception as err:  # Ray wraps a sampler's SystematicFailure (online-bdhs)
+        failure = guard.find_systematic(err)
+        if failure is None:
+            raise
+        raise SystemExit(f"online_dpo.py: error: {failure}") from None
 
 
 if __name__ == "__main__":

@@ -82,9 +82,16 @@ class SamplerConfig:
     num_gpus: float = opt(0.0, "GPUs per sampler actor.")
     resources: str = resources_opt("sampler_node")
     seed: int = opt(0, "Base seed of sampling.")
+    max_batch_errors: float = opt(
+        0.5,
+        "BDHS/POVID: stop the job when more than this share of one batch's rows (at least 2) "
+        "fail with the same engine error — a systematic failure (wrong checkpoint, broken "
+        "engine), not bad data to quarantine. 1.0 = never stop.",
+    )
 
     def validate(self, p: str) -> None:
         one_of(self.engine, ("hf", "vllm"), f"{p}.engine")
+        check(0 < self.max_batch_errors <= 1, f"{p}.max_batch_errors", "must be in (0, 1]")
         check(0 < self.vllm_gpu_memory <= 1, f"{p}.vllm_gpu_memory", "must be in (0, 1]")
         one_of(self.dtype, ("float32", "bfloat16", "float16"), f"{p}.dtype")
         check(self.temperature >= 0, f"{p}.temperature", "must be >= 0")

@@ -86,6 +86,7 @@ class BDHSEngine:
         if embed_fn is None and bdhs.variant != "povid":
             raise ValueError(f"bdhs.variant {bdhs.variant!r} needs an embedder (the gate)")
         self.engine, self.embed_fn, self.bdhs = engine, embed_fn, bdhs
+        self.max_batch_errors = sampler.max_batch_errors
         self.noise_steps = image_noise_steps(bdhs)
         # guided continuations stop at the first full stop (SamplingSettings' default)
         self.sampling = SamplingSettings(
@@ -157,12 +158,19 @@ class BDHSEngine:
     def sample(self, rows: Sequence[BDHSRow], batched: bool = True) -> list[RowResult]:
         """One {rejected, meta, error} per row, in order. batched: all rows step through the
         tries together (mmalign.bdhs.bdhs_sample_batch); False: one row at a time
-        (bdhs_sample, the reference loop). A crash fails only the rows that cause it."""
+        (bdhs_sample, the reference loop). A crash fails only the rows that cause it,
+        unless most of the batch fails the same way: then SystematicFailure
+        (sampler.max_batch_errors) ends the job with that error."""
+        from mmalign.quarantine import check_batch
+
         if self.bdhs.variant == "povid":
-            return _guarded(self._povid_rows, list(rows))
-        if batched:
-            return _guarded(self._bdhs_rows, list(rows))
-        return [_guarded_one(self._bdhs_row, row) for row in rows]
+            out = _guarded(self._povid_rows, list(rows))
+        elif batched:
+            out = _guarded(self._bdhs_rows, list(rows))
+        else:
+            out = [_guarded_one(self._bdhs_row, row) for row in rows]
+        check_batch([r["error"] for r in out], self.max_batch_errors, f"BDHS ({self.bdhs.variant})")
+        return out
 
     def _bdhs_row(self, row: BDHSRow) -> RowResult:
         from mmalign.bdhs import bdhs_sample

@@ -354,3 +354,50 @@ def test_identical_pairs_are_dropped_or_flagged_and_counted(tmp_path: Path, reco
             if mode == "drop"
             else {rec["id"]: True, records[1]["id"]: None}
         )
+
+
+@pytest.mark.ray
+def test_engine_error_on_most_of_a_batch_stops_the_job(
+    ray_cluster: None, model_dir: str, tmp_path: Path
+) -> None:
+    """A checkpoint that fails on every row (vision_feature_layer out of range: IndexError
+    in the vision tower) is a systematic failure: the CLI stops with that error from the
+    first batch (sampler.max_batch_errors) instead of quarantining every row; at 1.0 the
+    old behaviour (quarantine, then the run-level guard) is kept."""
+    import shutil
+
+    from pipelines.bdhs import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["vision_feature_layer"] = -99
+    (broken / "config.json").write_text(json.dumps(config))
+    uri, _ = write_json_input(tmp_path, 6)
+    argv = [
+        "--data.prompts", uri,
+        "--sampler.model", str(broken),
+        "--sampler.max_new_tokens", "4",
+        "--sampler.batch_size", "4",
+        "--bdhs.splitter", "regex",
+        "--storage.output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    msg = str(err.value)
+    assert msg.startswith("bdhs.py: error: BDHS (bdhs): ") and "systematic failure" in msg
+    assert "rows of one batch failed with the same error" in msg and "IndexError" in msg
+    assert not list((tmp_path / "run" / "bdhs").glob("part-*.parquet"))
+
+    with pytest.raises(SystemExit) as err:  # never stop early: the run-level guard fails
+        main(
+            [
+                *argv,
+                "--sampler.max_batch_errors",
+                "1.0",
+                "--storage.output_dir",
+                str(tmp_path / "r2"),
+            ]
+        )
+    # (a yes/no answer swapped without generating is the one row that gets through)
+    assert "quarantined" in str(err.value) and "x generation: IndexError" in str(err.value)

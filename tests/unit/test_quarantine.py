@@ -50,3 +50,27 @@ def test_a_run_that_writes_nothing_fails() -> None:
     with pytest.raises(QuarantineError, match=r"no usable row written \(1 of 4 quarantined\)"):
         quarantine.check("x", 4, _bad("bad", 1), max_fraction=0.5, usable=0)
     quarantine.check("x", 4, _bad("bad", 1), max_fraction=0.5, usable=3)
+
+
+def test_check_batch_stops_on_one_error_over_most_of_a_batch() -> None:
+    """More than max_share of a batch failing the same way (details masked) stops; a lone
+    bad row, mixed errors, one-row batches and max_share 1.0 do not."""
+    from mmalign.quarantine import SystematicFailure, check_batch, find_systematic
+
+    same = [f"generation: IndexError: index {i} out of range" for i in range(3)]
+    with pytest.raises(SystematicFailure, match=r"3 of 4 rows .* IndexError: index 0") as err:
+        check_batch([*same, ""], 0.5, "BDHS (bdhs)")
+    check_batch([same[0], "", "", ""], 0.5, "x")  # one bad row is bad data
+    check_batch([same[0], "image: unreadable (OSError)", ""], 0.5, "x")  # 1 of 3 each
+    check_batch([same[0]], 0.5, "x")  # one row tells nothing
+    check_batch(same, 1.0, "x")  # never stop
+    with pytest.raises(SystematicFailure):
+        check_batch(same[:2], 0.5, "x")
+
+    # found behind Ray's wrapping: in the cause chain, or as text of the remote traceback
+    wrapped = RuntimeError("task failed")
+    wrapped.__cause__ = err.value
+    assert find_systematic(wrapped) == str(err.value)
+    remote = RuntimeError("Traceback ...\nmmalign.quarantine.SystematicFailure: BDHS: 3 of 4")
+    assert find_systematic(remote) == "BDHS: 3 of 4"
+    assert find_systematic(ValueError("other")) is None
