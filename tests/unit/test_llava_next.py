@@ -172,3 +172,15 @@ def test_lora_merge_round_trips_and_other_architectures_fail_at_load(
     other.architectures = ["LlamaForCausalLM"]
     with pytest.raises(ValueError, match="architecture LlamaForCausalLM is not supported"):
         check_architecture(other, "some/model")
+
+
+def test_readme_names_every_supported_architecture() -> None:
+    """The README's model table and loading.SUPPORTED list the same classes."""
+    import re
+
+    from mmalign.models.loading import SUPPORTED
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## Models", 1)[1].split("\n## ", 1)[0]
+    rows = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.M))
+    assert rows == set(SUPPORTED)
