@@ -61,7 +61,9 @@ def huge_png(width: int = 40_000, height: int = 40_000) -> bytes:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
     idat = zlib.compress(b"\0" * 16)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
 
 
 CORRUPT = b"\x89PNG\r\n\x1a\n" + b"this is not the rest of a PNG" * 4
@@ -96,7 +98,10 @@ def llava_row(rid: Any, image: str = "images/rgb.png", question: Any = None, ans
         "id": rid,
         "image": image,
         "conversations": [
-            {"from": "human", "value": "<image>\nWhat is in the picture?" if question is None else question},
+            {
+                "from": "human",
+                "value": "<image>\nWhat is in the picture?" if question is None else question,
+            },
             {"from": "gpt", "value": "A red square. It is large." if answer is None else answer},
         ],
     }
@@ -139,7 +144,9 @@ def llava_jsonl(directory: Path) -> Corpus:
     add(_line([1, 2]), f"row-{len(lines)}", "row: expected an object, got list")
     add(_line(llava_row("bad-int-value", question=7)), "bad-int-value", "expected text, got int")
     add(b'{"id": "bad-truncated", "image": ', reason="not valid JSON")
-    latin = _line(llava_row("bad-latin1", answer="Un caf\u00e9 rouge.")).replace(b"\\u00e9", b"\xe9")
+    latin = _line(llava_row("bad-latin1", answer="Un caf\u00e9 rouge.")).replace(
+        b"\\u00e9", b"\xe9"
+    )
     add(latin, reason="not UTF-8 at byte")
     surrogate = llava_row("bad-surrogate", question="<image>\nWhat \ud800 is there?")
     add(_line(surrogate), "bad-surrogate", "invalid Unicode")
@@ -151,7 +158,9 @@ def llava_jsonl(directory: Path) -> Corpus:
     long_q = "<image>\n" + "describe " * LONG_WORDS
     add(_line(llava_row("bad-long", question=long_q)), "bad-long", "prompt: too long")
     for name, (_, reason) in BAD_IMAGES.items():
-        add(_line(llava_row(f"bad-image-{name}", f"images/{name}.png")), f"bad-image-{name}", reason)
+        add(
+            _line(llava_row(f"bad-image-{name}", f"images/{name}.png")), f"bad-image-{name}", reason
+        )
     add(_line(llava_row("bad-missing-image", "images/nope.png")), "bad-missing-image", "images")
     path = directory / "prompts.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n\n")  # a trailing blank line is no row
@@ -190,11 +199,15 @@ def _pair(rid: str, image: bytes | str, prompt: str = "What colour is the square
     from mmalign.schema import preference_row
 
     args = {"chosen": "It is red.", "rejected": "It is blue.", **kw}
-    return preference_row(id=rid, prompt=prompt, images=[image], source="test", method="bdhs", **args)
+    return preference_row(
+        id=rid, prompt=prompt, images=[image], source="test", method="bdhs", **args
+    )
 
 
 def preference_parquet(directory: Path) -> Corpus:
-    """pairs.parquet (our schema): good pairs on every image mode, and bad ones."""
+    """pairs.parquet (our schema): good pairs on every image mode, and bad ones. Text that
+    is not UTF-8 or holds a lone surrogate cannot be in Parquet at all (Arrow refuses to
+    write it), so those shapes live in the LLaVA corpus only."""
     from mmalign.io import write_preferences
 
     _write_images(directory)
@@ -206,14 +219,14 @@ def preference_parquet(directory: Path) -> Corpus:
         good.add(f"good-{name}")
     rows.append(_pair("good-path", "images/rgb.png"))  # relative to the Parquet's directory
     good.add("good-path")
+    # offline_dpo re-reads pairs batch by batch, so it cannot keep "the first": both go
     rows.append(_pair("dup", GOOD_IMAGES["rgb"]))
     rows.append(_pair("dup", GOOD_IMAGES["gray"], chosen="It is grey."))
-    good.add("dup")
-    bad.append(("dup", "id: duplicate"))
+    bad += [("dup", "id: duplicate"), ("dup", "id: duplicate")]
     template = _pair("x", GOOD_IMAGES["rgb"])
     rows.append(dict(template, id="bad-empty-chosen", chosen=[]))
     bad.append(("bad-empty-chosen", "chosen: empty"))
-    rows.append(_pair("bad-empty-rejected", GOOD_IMAGES["rgb"], rejected=" "))
+    rows.append(dict(template, id="bad-empty-rejected", rejected=[]))
     bad.append(("bad-empty-rejected", "rejected: empty"))
     rows.append(dict(template, id="bad-null-message", prompt=[None]))
     bad.append(("bad-null-message", "prompt: expected a string or a list of messages"))
