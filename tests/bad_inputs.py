@@ -192,6 +192,22 @@ def mostly_bad_llava(directory: Path) -> Corpus:
     return Corpus(str(path), frozenset({"good"}), bad)
 
 
+def mostly_bad_images(directory: Path) -> Corpus:
+    """prompts.json the reader accepts whole, whose rows then fail in the BDHS operator:
+    1 good row, 3 corrupt images, 1 empty answer (the guard counts them after generation)."""
+    _write_images(directory)
+    rows = [llava_row("good")]
+    bad = []
+    for i in range(3):
+        rows.append(llava_row(f"bad-image-{i}", "images/corrupt.png"))
+        bad.append((f"bad-image-{i}", "images: unreadable"))
+    rows.append(llava_row("bad-empty-answer", answer=""))
+    bad.append(("bad-empty-answer", "reference: empty"))
+    path = directory / "prompts.json"
+    path.write_text(json.dumps(rows))
+    return Corpus(str(path), frozenset({"good"}), bad)
+
+
 # ------------------------------------------------------------------ preference pairs
 
 
