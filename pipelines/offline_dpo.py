@@ -77,11 +77,28 @@ def _text_context(model: str) -> tuple[Any, int]:
 
     from mmalign.models.loading import resolve_model_dir
 
-    source = resolve_model_dir(model)
+    source = _without_weights(model) if storage.is_s3(model) else resolve_model_dir(model)
     config = AutoConfig.from_pretrained(source)
     text = getattr(config, "text_config", None) or config
     limit = int(getattr(text, "max_position_embeddings", 0) or 0)
     return AutoProcessor.from_pretrained(source), limit
+
+
+def _without_weights(uri: str) -> str:
+    """A local copy of an s3:// model's config and processor files, weights left out: a
+    Ray Data worker on any node needs the tokenizer and the context length, not 14 GB."""
+    import tempfile
+
+    prefix = uri.rstrip("/") + "/"
+    target = tempfile.mkdtemp(prefix="mmalign-processor-")
+    for file in storage.list_files(uri):
+        rel = file[len(prefix) :]
+        if rel.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            continue
+        os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
+        with open(os.path.join(target, rel), "wb") as f:
+            f.write(storage.read_bytes(file))
+    return target
 
 
 def mark_too_long(

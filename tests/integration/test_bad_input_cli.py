@@ -118,3 +118,17 @@ def test_offline_dpo_cli_on_bad_input_corpus(
     written = json.loads((out / "metrics.json").read_text())
     assert written["evaluation"] is None  # pipeline.eval_rows 0 = skip it
     assert written["rows"] == metrics["rows"]
+
+
+def test_context_check_reads_no_weights_from_s3(model_dir: str, s3_bucket: str) -> None:
+    """An s3:// policy: the quarantine pass copies its config and processor, not weights."""
+    from mmalign import storage
+    from pipelines.offline_dpo import _text_context, _without_weights
+
+    uri = f"{s3_bucket}/models/tiny"
+    storage.upload_dir(model_dir, uri)
+    local = Path(_without_weights(uri))
+    names = {p.name for p in local.rglob("*") if p.is_file()}
+    assert "config.json" in names and not any(n.endswith(".safetensors") for n in names)
+    processor, limit = _text_context(uri)
+    assert limit == 1024 and processor.tokenizer("a red square")["input_ids"]
