@@ -67,13 +67,18 @@ def _resolve(path: str, image_root: str) -> str:
     return storage.join(image_root, path)
 
 
+class InputError(ValueError):
+    """An input that cannot be read at all (not one bad row): the message names the file and
+    where it fails. Pipelines exit with it, without a traceback."""
+
+
 def check_columns(columns: Iterable[str], uri: str) -> None:
     """Fail loudly if a tabular input cannot carry images or prompts at all."""
     cols = set(columns)
     if not cols & {"image", "images"}:
-        raise ValueError(f"{uri}: no 'image' or 'images' column (columns: {sorted(cols)})")
+        raise InputError(f"{uri}: no 'image' or 'images' column (columns: {sorted(cols)})")
     if not cols & set(_PROMPT_KEYS):
-        raise ValueError(f"{uri}: no prompt column {list(_PROMPT_KEYS)} (columns: {sorted(cols)})")
+        raise InputError(f"{uri}: no prompt column {list(_PROMPT_KEYS)} (columns: {sorted(cols)})")
 
 
 # Key of a placeholder row for an input line that could not be parsed: the reader keeps
@@ -132,9 +137,9 @@ def normalize_row(raw: Any, image_root: str = "", source: str = "") -> PromptRow
     refs = []
     for img in images:
         if isinstance(img, str):
-            img = _resolve(img, image_root)
+            img = _resolve(_str_field(img, "image"), image_root)
         elif isinstance(img, dict) and img.get("path") and not img.get("bytes"):
-            img = {"bytes": None, "path": _resolve(img["path"], image_root)}
+            img = {"bytes": None, "path": _resolve(_str_field(img["path"], "image"), image_root)}
         elif not isinstance(img, (bytes, dict)):
             raise RowError(f"image: expected a path, bytes or {{bytes, path}}, got {img!r:.40}")
         refs.append(img)
@@ -144,32 +149,48 @@ def normalize_row(raw: Any, image_root: str = "", source: str = "") -> PromptRow
     objects = raw.get("objects") or []
     if not isinstance(objects, list):
         raise RowError(f"objects: expected a list, got {type(objects).__name__}")
-    objects = [o["name"] if isinstance(o, dict) else str(o) for o in objects]
+    # every text field is checked: one lone surrogate left in a record would end the whole
+    # Ray Data batch (Arrow cannot encode it), not just this row
+    objects = [_str_field(o["name"] if isinstance(o, dict) else str(o), "objects") for o in objects]
     return prompt_record(
-        id=str(rid),
+        id=_str_field(str(rid), "id"),
         prompt=prompt,
         images=refs,
         reference=reference.strip(),
         rejected=_str_field(_text(raw.get("rejected")), "rejected").strip(),
         objects=objects,
-        source=source or str(raw.get("source") or ""),
+        source=_str_field(source or str(raw.get("source") or ""), "source"),
     )
 
 
 def normalize_rows(
     rows: Iterable[dict[str, Any]], image_root: str = "", source: str = ""
 ) -> tuple[list[PromptRow], list[dict[str, Any]]]:
-    """(good prompt records, quarantine entries) — a bad row never stops the others."""
+    """(good prompt records, quarantine entries) — a bad row never stops the others.
+
+    Ids are unique in the output: a row whose id an earlier good row has is quarantined
+    (the first one is kept), since ids key resumes, joins and the written rows."""
     good: list[PromptRow] = []
     bad: list[dict[str, Any]] = []
+    seen: set[str] = set()
     for i, raw in enumerate(rows):
         try:
-            good.append(normalize_row(raw, image_root, source))
+            row = normalize_row(raw, image_root, source)
+            if row["id"] in seen:
+                raise RowError("id: duplicate of an earlier row (the first one is kept)")
+            seen.add(row["id"])
+            good.append(row)
         except (RowError, ValueError, TypeError, KeyError) as err:
             rid = raw.get("id") if isinstance(raw, dict) else None
             rid = f"row-{i}" if rid in (None, "") else rid
-            bad.append({"id": str(rid), "reason": str(err), "source": source})
+            bad.append({"id": printable(str(rid)), "reason": str(err), "source": source})
     return good, bad
+
+
+def printable(text: str) -> str:
+    """`text` with any invalid Unicode (a lone surrogate) written as a backslash escape, so
+    a quarantine entry can always be written (JSON, Arrow) and read back as it was shown."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # ------------------------------------------------------------------ raw readers
@@ -189,11 +210,11 @@ def read_llava_json(uri: str) -> list[Any]:
     try:
         items = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise ValueError(f"{uri}: not UTF-8 at byte offset {err.start}") from None
+        raise InputError(f"{uri}: not UTF-8 at byte offset {err.start}") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{uri}: not valid JSON at byte offset {err.pos} ({err.msg})") from None
+        raise InputError(f"{uri}: not valid JSON at byte offset {err.pos} ({err.msg})") from None
     if not isinstance(items, list):
-        raise ValueError(f"{uri}: LLaVA JSON must be a list of conversations")
+        raise InputError(f"{uri}: LLaVA JSON must be a list of conversations")
     return items
 
 

@@ -146,6 +146,21 @@ def build_response_batch(
     return batch
 
 
+def sequence_length(
+    processor: Any,
+    image: Any,
+    prompt: str,
+    responses: Sequence[str],
+    max_response_tokens: int | None = None,
+) -> int:
+    """Positions of the longest sequence `build_response_batch` makes for one row: the
+    prompt with its image tokens expanded, then a response (+ EOS, truncated alike)."""
+    batch = build_response_batch(
+        processor, [image], [prompt], [list(responses)], max_response_tokens=max_response_tokens
+    )
+    return int(batch["input_ids"].shape[1])
+
+
 def stack_image_inputs(values: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-row processor outputs [1, ...] -> [B, ...]. LLaVA-1.6 (AnyRes) gives each image
     its own number of tiles (pixel_values [1, n_b, C, H, W]); rows are zero-padded to the

@@ -17,7 +17,9 @@ beside the shard directory, so <output_dir>/bdhs/ holds Parquet alone (every way
 Parquet dataset, `datasets.load_dataset("parquet", data_dir=...)` included, reads it). Pairs
 whose rejected equals the chosen are dropped (or flagged, `bdhs.identical`) and counted. A
 run that quarantines more than `data.max_quarantined` of its rows, or writes none, fails
-with the top reasons counted instead of exiting 0.
+with the top reasons counted instead of exiting 0 (before any model loads when the reader
+alone quarantines that many); so does an input that cannot be read at all (naming the file
+and the byte offset).
 """
 
 from __future__ import annotations
@@ -133,6 +135,9 @@ def run_bdhs(cfg: Config) -> dict[str, Any]:
         cfg.data.prompts, cfg.data.image_root, cfg.data.max_rows, cfg.data.world_seed
     )
     read_bad = len(quarantine)  # rows the reader could not use (retried by every run)
+    if read_bad:  # mostly unreadable: fail before Ray and the models start
+        what = f"bdhs ({cfg.data.prompts})"
+        guard.check(what, len(records) + read_bad, quarantine, cfg.data.max_quarantined)
     done, first_index = existing_shards(out_dir)
     if done and not cfg.storage.resume:
         # never overwrite or duplicate a finished run's rows
@@ -261,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv, description=__doc__)
     try:
         summary = run_bdhs(cfg)
-    except guard.QuarantineError as err:
+    except (guard.QuarantineError, mio.InputError) as err:
         raise SystemExit(f"bdhs.py: error: {err}") from None
     except Exception as err:  # Ray wraps an operator's SystematicFailure
         failure = guard.find_systematic(err)

@@ -10,8 +10,10 @@ On a cluster (checkpoints, metrics and the merged model go to S3):
         --storage.output_dir s3://bucket/runs/dpo --learner.num_workers 8 --learner.use_gpu true
 
 Flow: Ray Data reads `data.offline_pairs` (our preference Parquet or TRL's; local or s3://)
--> every row becomes a learner row (`mmalign.preference_rows`); bad rows go to
-<output_dir>/quarantine.jsonl with their reason -> `learner.num_workers` Ray Train workers
+-> every row becomes a learner row (`mmalign.preference_rows`); bad rows (unreadable, too
+long for the model's context, a duplicated id) go to <output_dir>/quarantine.jsonl with their
+reason, and a run quarantining more than `data.max_quarantined` of its rows, or left with none,
+exits non-zero with the top reasons counted -> `learner.num_workers` Ray Train workers
 train LoRA (`actors.learner_train`), checkpointing to `storage.checkpoints`/step_XXXXXX and
 resuming from there -> rank 0 writes the merged model to <output_dir>/merged -> metrics.json
 -> the ShapesWorld evaluation of the merged model (`pipelines/evaluate.py`).
@@ -25,6 +27,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ import pyarrow.compute as pc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` anywhere
 
 from mmalign import io, storage  # noqa: E402
+from mmalign import quarantine as guard  # noqa: E402
 from mmalign.config import Config, parse_args, to_dict  # noqa: E402
 from mmalign.preference_rows import ERROR_COLUMN, convert_table  # noqa: E402
 
@@ -47,8 +51,11 @@ def _absolute(path: str, must_exist: bool = False) -> str:
     return os.path.abspath(local)
 
 
-def convert_batch(table: pa.Table, image_root: str, ranked: bool) -> pa.Table:
-    """Ray Data stage, one row out per row in: learner columns + `error` ("" = good)."""
+def convert_batch(
+    table: pa.Table, image_root: str, ranked: bool, model: str = "", max_response_tokens: int = 0
+) -> pa.Table:
+    """Ray Data stage, one row out per row in: learner columns + `error` ("" = good). With
+    `model`, rows longer than its context are errors too (mark_too_long)."""
 
     def load(struct: dict[str, Any]) -> bytes:
         path = struct["path"]
@@ -56,15 +63,96 @@ def convert_batch(table: pa.Table, image_root: str, ranked: bool) -> pa.Table:
             path = storage.join(image_root, path)
         return io.load_image_bytes({"bytes": None, "path": path})
 
-    return convert_table(table, load_image=load, ranked=ranked)
+    converted = convert_table(table, load_image=load, ranked=ranked)
+    if not model:
+        return converted
+    processor, max_positions = _text_context(model)
+    return mark_too_long(converted, processor, max_positions, max_response_tokens)
 
 
-def keep_good(table: pa.Table, k: int) -> pa.Table:
-    """Ray Data stage that *filters*: rows without error (and with K responses if k > 0)."""
+@functools.lru_cache(maxsize=2)
+def _text_context(model: str) -> tuple[Any, int]:
+    """(processor, max positions; 0 = unknown) of the policy, loaded once per worker."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from mmalign.models.loading import resolve_model_dir
+
+    source = _without_weights(model) if storage.is_s3(model) else resolve_model_dir(model)
+    config = AutoConfig.from_pretrained(source)
+    text = getattr(config, "text_config", None) or config
+    limit = int(getattr(text, "max_position_embeddings", 0) or 0)
+    return AutoProcessor.from_pretrained(source), limit
+
+
+def _without_weights(uri: str) -> str:
+    """A local copy of an s3:// model's config and processor files, weights left out: a
+    Ray Data worker on any node needs the tokenizer and the context length, not 14 GB."""
+    import tempfile
+
+    prefix = uri.rstrip("/") + "/"
+    target = tempfile.mkdtemp(prefix="mmalign-processor-")
+    for file in storage.list_files(uri):
+        rel = file[len(prefix) :]
+        if rel.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            continue
+        os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
+        with open(os.path.join(target, rel), "wb") as f:
+            f.write(storage.read_bytes(file))
+    return target
+
+
+def mark_too_long(
+    table: pa.Table, processor: Any, max_positions: int, max_response_tokens: int = 0
+) -> pa.Table:
+    """Converted rows (CONVERTED_SCHEMA) with `error` set on good rows whose longest
+    sequence (prompt + image tokens + response, as the learner encodes it) exceeds
+    `max_positions`: quarantined here rather than crashing (or exhausting) a train step."""
+    from mmalign.logprobs import sequence_length
+
+    if not max_positions:
+        return table
+    rows = table.to_pylist()
+    for r in rows:
+        if r[ERROR_COLUMN]:
+            continue
+        # the prompt's own tokens first: one tokenizer call, where encoding a 50k-word
+        # prompt with its image and each response takes seconds
+        n = len(processor.tokenizer(r["prompt"], add_special_tokens=False)["input_ids"])
+        if n <= max_positions:
+            responses = r["responses"] or [r["chosen"], r["rejected"], *r["rejected_extra"]]
+            cap = max_response_tokens or None
+            n = sequence_length(processor, r["image"], r["prompt"], responses, cap)
+        if n > max_positions:
+            r.update(image=b"", prompt="", chosen="", rejected="", rejected_extra=[], responses=[])
+            r[ERROR_COLUMN] = f"prompt: too long ({n} positions > {max_positions})"
+    return pa.Table.from_pylist(rows, schema=table.schema)
+
+
+def keep_good(table: pa.Table, k: int, drop_ids: frozenset[str] = frozenset()) -> pa.Table:
+    """Ray Data stage that *filters*: rows without error (and with K responses if k > 0),
+    but none whose id is in `drop_ids` (duplicate_entries)."""
     mask = pc.equal(table[ERROR_COLUMN], "")
     if k:
         mask = pc.and_(mask, pc.equal(pc.list_value_length(table["responses"]), k))
+    if drop_ids:
+        mask = pc.and_(mask, pc.invert(pc.is_in(table["id"], pa.array(sorted(drop_ids)))))
     return table.filter(mask).drop_columns([ERROR_COLUMN])
+
+
+def duplicate_entries(info: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
+    """{id, reason, source} for every good row whose id another good row has. All of them
+    go: the training pass re-reads the data batch by batch, so it cannot tell the first."""
+    counts = Counter(r["id"] for r in info if not r[ERROR_COLUMN])
+    return [
+        {
+            "id": r["id"],
+            "reason": f"id: duplicate ({counts[r['id']]} rows share it; ids must be unique, "
+            "none of them is trained on)",
+            "source": source,
+        }
+        for r in info
+        if not r[ERROR_COLUMN] and counts[r["id"]] > 1
+    ]
 
 
 def quarantine_entries(
@@ -105,12 +193,22 @@ def prepare_data(cfg: Config) -> tuple[Any, int, list[dict[str, Any]]]:
     if uri.lower().endswith(".parquet"):
         base = uri.rsplit("/", 1)[0] if "/" in uri else "."
     root = _absolute(cfg.data.image_root or base)
-    convert = functools.partial(convert_batch, image_root=root, ranked=ranked)
+    convert = functools.partial(
+        convert_batch,
+        image_root=root,
+        ranked=ranked,
+        model=_absolute(cfg.sampler.model, must_exist=True),
+        max_response_tokens=cfg.learner.max_response_tokens,
+    )
     converted = ds.map_batches(convert, batch_format="pyarrow")
     info = converted.select_columns(["id", ERROR_COLUMN, "responses"]).take_all()
-    bad, k = quarantine_entries(info, uri, ranked)
+    duplicates = duplicate_entries(info, uri)
+    drop = frozenset(d["id"] for d in duplicates)
+    bad, k = quarantine_entries([r for r in info if r["id"] not in drop], uri, ranked)
+    bad += duplicates
     good = len(info) - len(bad)
-    train = converted.map_batches(functools.partial(keep_good, k=k), batch_format="pyarrow")
+    keep = functools.partial(keep_good, k=k, drop_ids=drop)
+    train = converted.map_batches(keep, batch_format="pyarrow")
     return train, good, bad
 
 
@@ -161,6 +259,8 @@ def run(cfg: Config, evaluate: bool = True) -> dict[str, Any]:
     train, good, bad = prepare_data(cfg)
     io.write_jsonl(bad, storage.join(out, "quarantine.jsonl"))
     print(f"{good} pairs to train on, {len(bad)} quarantined -> {out}/quarantine.jsonl")
+    what = f"offline_dpo ({cfg.data.offline_pairs})"
+    guard.check(what, good + len(bad), bad, cfg.data.max_quarantined, usable=good)
     if good < cfg.learner.batch_size:
         raise SystemExit(
             f"only {good} usable pairs; learner.batch_size is {cfg.learner.batch_size}"
@@ -199,7 +299,10 @@ def run(cfg: Config, evaluate: bool = True) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    metrics = run(parse_args(argv, description=__doc__))
+    try:
+        metrics = run(parse_args(argv, description=__doc__))
+    except guard.QuarantineError as err:
+        raise SystemExit(f"offline_dpo.py: error: {err}") from None
     print(json.dumps({k: metrics[k] for k in ("final", "checkpoint", "merged_model", "rows")}))
     return metrics
 
