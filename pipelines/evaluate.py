@@ -16,7 +16,8 @@ instances file whose images are described and scored by CHAIR over its categorie
 `data.coco_synonyms`). The model is `sampler.model`. Questions are answered by a pool of
 `sampler.concurrency` generation actors (greedy decoding; pope-coco images are read by the
 Ray Data workers, never the driver); the report is printed and written to
-<output_dir>/eval/report.json, rows that could not be used to <output_dir>/eval/quarantine.jsonl.
+<output_dir>/eval/report.json, every scored answer to responses.jsonl and the rows that could
+not be used (with their reasons) to quarantine.jsonl beside it.
 """
 
 from __future__ import annotations
@@ -197,11 +198,14 @@ def generate_all(cfg: Config, model: str, es: EvalSet) -> dict[tuple[str, str], 
     return out
 
 
-def run_evaluation(cfg: Config, model: str | None = None, max_rows: int = 0) -> dict[str, Any]:
-    """Evaluate `model` (default: cfg.sampler.model) on Ray Data; returns the report dict.
+def run_evaluation(
+    cfg: Config, model: str | None = None, max_rows: int = 0, out_dir: str = ""
+) -> dict[str, Any]:
+    """Evaluate `model` (default: cfg.sampler.model) on Ray Data; returns the report dict
+    (and, with `out_dir`, writes responses.jsonl and quarantine.jsonl there).
 
     A request whose image could not be read or decoded is left out of the scores and
-    quarantined (`report["quarantined"]`); past `data.max_quarantined` the run fails."""
+    quarantined (`report["n_quarantined"]`); past `data.max_quarantined` the run fails."""
     from actors.runtime import init_ray
 
     init_ray(cfg.pipeline.ray_address)
@@ -215,7 +219,9 @@ def run_evaluation(cfg: Config, model: str | None = None, max_rows: int = 0) -> 
         for (image_id, prompt), err in failed.items()
     ]
     kept = [r for r in es.requests if (r.image_id, r.prompt) not in failed]
-    dropped = [{"reason": failed[(r.image_id, r.prompt)]} for r in es.requests if r not in kept]
+    dropped = [
+        {"reason": failed[k]} for r in es.requests if (k := (r.image_id, r.prompt)) in failed
+    ]
     qcheck.check("evaluate (images)", len(es.requests), dropped, cfg.data.max_quarantined)
     described = {r.image_id for r in kept if r.kind == "describe"}
     truths = {k: v for k, v in es.truths.items() if k in described}
@@ -229,16 +235,27 @@ def run_evaluation(cfg: Config, model: str | None = None, max_rows: int = 0) -> 
         quarantine_examples=[q["reason"] for q in quarantined[:5]],
         seconds=round(time.time() - t0, 1),
     )
+    if not out_dir:
+        return report
     if quarantined:
-        out = storage.join(cfg.storage.output_dir, "eval", "quarantine.jsonl")
-        mio.write_jsonl(quarantined, out)
+        mio.write_jsonl(quarantined, storage.join(out_dir, "quarantine.jsonl"))
+    # every scored answer, so a figure can be traced to the captions behind it
+    mio.write_jsonl(
+        (
+            {"image": r.image_id, "kind": r.kind, "split": r.split, "label": r.label,
+             "prompt": r.prompt, "response": a}
+            for r, a in zip(kept, responses, strict=True)
+        ),
+        storage.join(out_dir, "responses.jsonl"),
+    )  # fmt: skip
     return report
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv, description=__doc__)
-    report = run_evaluation(cfg)
-    out = storage.join(cfg.storage.output_dir, "eval", "report.json")
+    eval_dir = storage.join(cfg.storage.output_dir, "eval")
+    report = run_evaluation(cfg, out_dir=eval_dir)
+    out = storage.join(eval_dir, "report.json")
     storage.write_bytes(out, json.dumps(report, indent=2).encode())
     print(format_report(report))
     print(f"report written to {out}")
