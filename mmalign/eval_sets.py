@@ -23,6 +23,7 @@ an object no image can contain.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -267,3 +268,62 @@ def pope_coco_requests(
     truths = {resolve(img.file_name, coco_root): img.objects for img in coco.images}
     requests += [EvalRequest(uri, describe_prompt, "describe") for uri in truths]
     return requests, truths
+
+
+def object_list(objects: Sequence[str]) -> str:
+    """ "a dog", "a dog and an apple", "a dog, a cat and a kite"."""
+    named = [f"{'an' if o[:1] in 'aeiou' else 'a'} {o}" for o in objects]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+
+
+def coco_judge_pairs(
+    coco: CocoSet, image_root: str, n: int = 0, offset: int = 0, question: str = ""
+) -> list[dict[str, Any]]:
+    """Held-out judge pairs with a known better answer from a COCO set (n = 0: all images
+    with >= 1 category, from `offset`): JudgeEngine rows with `objects`, `label`, `kind`.
+
+    The better answer names the image's categories (up to 3, file order of the classes);
+    the worse one either swaps one of them for the absent class that co-occurs with them
+    most ("hallucination", POPE's adversarial choice) or, with >= 2 categories, drops the
+    last one ("omission"). Kinds alternate every two pairs and the better answer sits in
+    slot A on even pairs, slot B on odd ones, so neither a position-only guesser (0.5) nor
+    kind leaks through the slot.
+    """
+    from mmalign.evaluation import DEFAULT_DESCRIBE_PROMPT
+    from mmalign.metrics.pope import ObjectStats, sample_negatives
+
+    question = question or DEFAULT_DESCRIBE_PROMPT
+    stats = ObjectStats.from_annotations(img.objects for img in coco.images)
+    order = {c: i for i, c in enumerate(coco.classes)}
+    rows: list[dict[str, Any]] = []
+    annotated = [img for img in coco.images if img.objects][offset:]
+    for img in annotated[:n] if n else annotated:
+        i = len(rows)
+        present = sorted(img.objects, key=order.__getitem__)[:3]
+        omit = len(present) >= 2 and ((i // 2) % 2 == 1 or len(img.objects) == len(order))
+        if omit:
+            worse = present[:-1]
+        elif len(img.objects) < len(order):
+            # adversarial: the rng is not used (ties break by frequency, then class order)
+            (absent,) = sample_negatives(
+                img.objects, coco.classes, 1, "adversarial", stats, random.Random(0)
+            )
+            worse = [*present[:-1], absent]
+        else:
+            continue  # one class, and it is the whole vocabulary: nothing to invent or omit
+        kind = "omission" if omit else "hallucination"
+        better_text = f"There is {object_list(present)} in the image."
+        worse_text = f"There is {object_list(worse)} in the image."
+        flip = i % 2 == 1
+        rows.append(
+            {
+                "image": {"bytes": None, "path": resolve(img.file_name, image_root)},
+                "question": question,
+                "response_a": worse_text if flip else better_text,
+                "response_b": better_text if flip else worse_text,
+                "objects": sorted(img.objects),
+                "label": "b" if flip else "a",
+                "kind": kind,
+            }
+        )
+    return rows
