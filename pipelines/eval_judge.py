@@ -34,7 +34,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows, bad = parquet_rows(args.pairs, args.n_pairs, args.offset, names)
         skipped += bad
     elif coco:
-        root = args.image_root or str(PurePosixPath(args.coco_annotations).parent)
+        ann = args.coco_annotations
+        root = args.image_root or (ann.rsplit("/", 1)[0] if "/" in ann else ".")
         rows = coco_judge_pairs(coco, root, args.n_pairs, args.offset)
     else:
         rows = held_out_rows(args.n_pairs, args.offset, args.world_seed)
