@@ -48,7 +48,7 @@ from mmalign.evaluation import (  # noqa: E402
     ground_truths,
     score_responses,
 )
-from mmalign.metrics.vocab import ObjectVocabulary, load_vocabulary  # noqa: E402
+from mmalign.metrics.vocab import SHAPESWORLD, ObjectVocabulary, load_vocabulary  # noqa: E402
 
 
 @dataclass
@@ -134,7 +134,10 @@ def eval_set(cfg: Config, max_rows: int = 0) -> EvalSet:
     if cfg.data.eval == "pope-coco":
         return pope_coco_set(cfg, max_rows)
     records = eval_records(cfg, max_rows)
-    vocab = load_vocabulary(cfg.judge.vocabulary)
+    # the world's own classes for ShapesWorld; a prompt input's `objects` are classes of
+    # judge.vocabulary (e.g. COCO's synonyms.txt), as for the object judge
+    shapes = cfg.data.eval.startswith("shapesworld:")
+    vocab = load_vocabulary(SHAPESWORLD if shapes else cfg.judge.vocabulary)
     truths = ground_truths(records)
     requests = build_requests(truths, vocab, seed=cfg.sampler.seed)
     return EvalSet(requests, truths, vocab, {r["id"]: r["image"] for r in records})
