@@ -1,10 +1,9 @@
 """Measure a pairwise judge on held-out pairs with known answers (issue 6, [ALIGN] Table 10).
 
-    python -m pipelines.eval_judge --model assets/models/shapes-llava-judge --n-pairs 200 \
+    python -m pipelines.eval_judge --model assets/models/shapes-llava-judge --n-pairs 200 \\
         --out assets/models/shapes-llava-judge/judge_eval.json
-    python -m pipelines.eval_judge --pairs s3://bucket/heldout/pairs.parquet --n-pairs 0 \
+    python -m pipelines.eval_judge --pairs s3://bucket/heldout/pairs.parquet --n-pairs 0 \\
         --model llava-hf/llava-v1.6-34b-hf --prompt-style full --max-new-tokens 256
-
     python -m pipelines.eval_judge --coco-annotations coco/annotations/instances_val2014.json \\
         --coco-synonyms chair/synonyms.txt --image-root coco/val2014 --model <judge checkpoint>
 
