@@ -117,7 +117,7 @@ def pope_coco_set(cfg: Config, max_rows: int = 0) -> EvalSet:
     if max_rows:
         coco = eval_sets.CocoSet(coco.classes, coco.images[:max_rows], coco.quarantined)
     synonyms = d.coco_synonyms or (
-        "" if cfg.judge.vocabulary == "shapesworld" else cfg.judge.vocabulary
+        "" if cfg.judge.vocabulary == SHAPESWORLD else cfg.judge.vocabulary
     )
     vocab = eval_sets.coco_vocabulary(
         coco.classes, read_text(synonyms) if synonyms else "", synonyms
