@@ -18,6 +18,14 @@ from mmalign.config.fields import (
     resources_opt,
     vllm_memory_opt,
 )
+from mmalign.eval_sets import pope_split_name
+
+
+def readable_file(uri: str) -> bool:
+    """An s3:// URI (read, and checked, when loaded) or an existing local file."""
+    if uri.startswith("s3://"):
+        return len(uri) > len("s3://")
+    return Path(uri).expanduser().is_file()
 
 
 @dataclass(frozen=True)
@@ -33,7 +41,35 @@ class DataConfig:
         "",
         "Preference Parquet (ours or TRL-format) used by offline DPO and Mixed-DPO; empty = none.",
     )
-    eval: str = opt("shapesworld:eval", "Evaluation records (same formats as `prompts`).")
+    eval: str = opt(
+        "shapesworld:eval",
+        "Evaluation set: 'shapesworld:<split>', a prompt input whose rows carry object "
+        "annotations `objects` (same formats as `prompts`), or 'pope-coco': the POPE question "
+        "files data.pope_files and the COCO caption set data.coco_annotations.",
+    )
+    pope_files: tuple[str, ...] = opt(
+        (),
+        "data.eval 'pope-coco': POPE question files, local or s3:// (JSON Lines: question_id, "
+        "image, text, label 'yes'/'no'; e.g. coco_pope_adversarial.json,coco_pope_popular.json,"
+        "coco_pope_random.json); each file is the split its name says.",
+    )
+    coco_annotations: str = opt(
+        "",
+        "data.eval 'pope-coco': COCO instances JSON (images, annotations, categories), local or "
+        "s3://; its images are described for CHAIR_i/CHAIR_s/Recall and its categories are the "
+        "object vocabulary.",
+    )
+    coco_synonyms: str = opt(
+        "",
+        "data.eval 'pope-coco': CHAIR synonyms file for the COCO categories (one class per line, "
+        "comma-separated, the class name first); empty = judge.vocabulary when that is a file, "
+        "else the category names alone.",
+    )
+    eval_image_root: str = opt(
+        "",
+        "data.eval 'pope-coco': directory or s3:// prefix that POPE `image` names and COCO "
+        "`file_name`s are relative to (e.g. .../val2014); empty = each file's own directory.",
+    )
     image_root: str = opt(
         "", "Base directory/URI for relative image paths in LLaVA JSON; empty = the JSON's dir."
     )
@@ -50,6 +86,30 @@ class DataConfig:
         check(self.max_rows >= 0, f"{p}.max_rows", "must be >= 0")
         check(0.0 <= self.max_quarantined <= 1.0, f"{p}.max_quarantined", "must be in [0, 1]")
         check(bool(self.prompts), f"{p}.prompts", "must not be empty")
+        check(bool(self.eval), f"{p}.eval", "must not be empty")
+        files = {"pope_files": self.pope_files, "coco_annotations": self.coco_annotations}
+        if self.eval != "pope-coco":
+            for name in (*files, "coco_synonyms", "eval_image_root"):
+                check(
+                    not getattr(self, name),
+                    f"{p}.{name}",
+                    f"is read only when {p}.eval is 'pope-coco' (got eval {self.eval!r})",
+                )
+            return
+        for name, value in files.items():
+            check(bool(value), f"{p}.{name}", f"must be set when {p}.eval is 'pope-coco'")
+        for name, uri in [
+            *((f"pope_files[{i}]", u) for i, u in enumerate(self.pope_files)),
+            ("coco_annotations", self.coco_annotations),
+            ("coco_synonyms", self.coco_synonyms),
+        ]:
+            check(not uri or readable_file(uri), f"{p}.{name}", f"no such file: {uri!r}")
+        splits = [pope_split_name(u) for u in self.pope_files]
+        check(
+            len(set(splits)) == len(splits),
+            f"{p}.pope_files",
+            f"two files hold the same split: {splits}",
+        )
 
 
 @dataclass(frozen=True)

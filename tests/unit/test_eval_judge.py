@@ -117,3 +117,87 @@ def test_main_on_a_preference_parquet_on_cpu(
     default = default_run[0]["vlm"]
     for key in ("kept", "accuracy_kept", "order_agreement", "order_a_accuracy"):
         assert vlm[key] == default[key], key
+
+
+# COCO-format held-out pairs: image file -> categories (c.jpg has none: no pair)
+COCO = {"a.jpg": ["person", "dog"], "b.jpg": ["pizza", "dining table", "person"],
+        "c.jpg": [], "d.jpg": ["cat"], "e.jpg": ["dog", "bicycle"]}  # fmt: skip
+
+
+def _coco_files(root: Path) -> tuple[str, str]:
+    """COCO instances + synonyms under root, with non-square JPEGs beside them."""
+    from tests.eval_files import SYNONYMS, write_coco
+    from tests.llava_next import SIZES, jpeg
+
+    for i, name in enumerate(COCO):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(jpeg(SIZES[i % len(SIZES)], seed=i))
+    (root / "synonyms.txt").write_text(SYNONYMS)
+    return write_coco(root / "instances.json", COCO), str(root / "synonyms.txt")
+
+
+def test_coco_judge_pairs_have_a_known_better_answer_on_cpu(tmp_path: Path) -> None:
+    from mmalign.engines.judge_engine import JudgeEngine
+    from mmalign.eval_sets import coco_judge_pairs, coco_vocabulary, read_coco_instances
+    from tests.eval_files import CATEGORIES, SYNONYMS
+
+    ann, _ = _coco_files(tmp_path)
+    coco = read_coco_instances(Path(ann).read_text(), ann)
+    rows = coco_judge_pairs(coco, "s3://bucket/val2014")
+    assert [r["image"]["path"] for r in rows] == [
+        f"s3://bucket/val2014/{n}" for n in ("a.jpg", "b.jpg", "d.jpg", "e.jpg")
+    ]
+    assert [(r["label"], r["kind"]) for r in rows] == [
+        ("a", "hallucination"),
+        ("b", "hallucination"),
+        ("a", "hallucination"),  # d.jpg has one class: nothing to omit
+        ("b", "omission"),
+    ]
+    # a.jpg: person + dog. Absent classes seen with them: pizza, dining table (with person
+    # in b.jpg), bicycle (with dog in e.jpg), once each and in one image each: the class
+    # order breaks the tie, so bicycle replaces the last present class
+    a = rows[0]
+    assert (a["response_a"], a["response_b"]) == (
+        "There is a person and a dog in the image.",
+        "There is a person and a bicycle in the image.",
+    )
+    assert rows[3]["response_a"] == "There is a bicycle in the image."  # dog omitted
+    assert rows[1]["objects"] == ["dining table", "person", "pizza"]
+    # the exact object judge, on the data's vocabulary, prefers the better answer every time
+    judge = JudgeEngine("objects", vocab=coco_vocabulary(CATEGORIES, SYNONYMS))
+    verdicts = judge.judge(rows)
+    assert [v["winner"] for v in verdicts] == [r["label"] for r in rows]
+    assert len(coco_judge_pairs(coco, "", n=2, offset=1)) == 2
+
+
+def test_main_on_coco_files_and_a_parquet_they_annotate_on_cpu(tmp_path: Path) -> None:
+    ann, synonyms = _coco_files(tmp_path)
+    args = [*FAST, "--coco-annotations", ann, "--coco-synonyms", synonyms]
+    report = main(args)
+    assert (report["data"], report["split"], report["skipped_rows"]) == (ann, "", 0)
+    vlm = report["vlm"]
+    assert vlm["pairs"] == 4 and vlm["judge/errors"] == 0 and vlm["judge/invalid_rows"] == 0
+    assert set(vlm["by_kind"]) == {"hallucination", "omission"}
+    assert vlm["position_only_accuracy"] == 0.5
+    objects = report["objects"]
+    assert (objects["pairs"], objects["keep_rate"], objects["accuracy_kept"]) == (4, 1.0, 1.0)
+
+    # a held-out Parquet whose images are COCO files: the object judge gets their categories
+    from tests.llava_next import jpeg
+
+    rows = [
+        preference_row(
+            id=f"p{i}", prompt="Describe the image.", chosen=good, rejected=bad,
+            images=[{"bytes": jpeg((64, 48), seed=i), "path": f"val2014/{name}"}],
+            source="coco-heldout", method="synthetic",
+        )
+        for i, (name, good, bad) in enumerate(
+            [("a.jpg", "A man and his dog.", "A man and his cat."),
+             ("zzz.jpg", "A dog.", "A cat."),  # not in the COCO set: VLM judge only
+             ("e.jpg", "A dog next to a bike.", "A bike.")]
+        )
+    ]  # fmt: skip
+    write_preferences(rows, str(tmp_path / "pairs.parquet"))
+    report = main([*args, "--pairs", str(tmp_path / "pairs.parquet"), "--n-pairs", "0"])
+    assert report["vlm"]["pairs"] == 3 and report["objects"]["pairs"] == 2
+    assert report["objects"]["accuracy_kept"] == 1.0
