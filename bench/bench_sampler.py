@@ -17,7 +17,9 @@ Random weights at a real shape (`bench/llava_shapes.py`), one 5-tile image per r
   stands in for the sentence embedder (generation is what is timed).
 - unmasked: `HFGenerationEngine.generate` with every image token visible.
 tok/s = generated tokens (the engine's token ids, stop and EOS cuts included) / wall time
-of the call (image preprocessing, vision tower, prefill and decode). Peak memory is
+of the call (image preprocessing, vision tower, prefill and decode); the engine runs the
+processor (CPU, one thread) on every request's image, so `preprocess_s` reports that share
+and `tok_per_s_excl_preprocess` the rate without it. Peak memory is
 torch.cuda.max_memory_allocated per point (reset before it; weights included); on CPU the
 process's peak RSS.
 """
@@ -80,6 +82,24 @@ def images(n: int, side: int, seed: int = 0) -> list[Any]:
     return out
 
 
+class TimedProcessor:
+    """Forwards everything to a processor; times its calls (image preprocessing)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.seconds = 0.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self._inner(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 class Sampler:
     """An HFGenerationEngine on a random-weight model of `shape`, counting generated tokens."""
 
@@ -89,7 +109,8 @@ class Sampler:
         from mmalign.logprobs import default_prompt_text
 
         model, processor = build_llava(shape, device=device, dtype=dtype)
-        self.engine = HFGenerationEngine(model, processor)
+        self.processor = TimedProcessor(processor)
+        self.engine = HFGenerationEngine(model, self.processor)
         self.cuda = device.startswith("cuda")
         self.max_new_tokens = max_new_tokens
         self.prompt = default_prompt_text(processor, "Describe the image in detail.")
@@ -161,16 +182,18 @@ class Sampler:
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        self.new_tokens = 0
+        self.new_tokens, self.processor.seconds = 0, 0.0
         t0 = time.perf_counter()
         result = fn()
         if self.cuda:
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt, prep = time.perf_counter() - t0, self.processor.seconds
         stats = {
             "new_tokens": self.new_tokens,
             "seconds": round(dt, 3),
+            "preprocess_s": round(prep, 3),
             "tok_per_s": round(self.new_tokens / dt, 1),
+            "tok_per_s_excl_preprocess": round(self.new_tokens / max(dt - prep, 1e-9), 1),
             "peak_mem_gib": round(peak_memory_gib(self.cuda), 3),
         }
         return stats, result
@@ -208,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--bdhs-rows", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--unmasked-batches", type=int, nargs="+", default=[2])
     args = ap.parse_args(argv)
+    if not args.device.startswith("cuda"):
+        torch.set_num_threads(1)
     sampler = Sampler(args.shape, args.device, args.dtype, args.max_new_tokens)
     sampler.warmup()
     result = {
