@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = ap.parse_args(argv)
     rows = [measure(s, args.dtype) for s in args.shapes]
-    print(f"{'shape':<16} {'params':>8} {'full GB':>8} {'kept params':>12} {'kept GB':>8} {'kept':>6}")
+    print(
+        f"{'shape':<16} {'params':>8} {'full GB':>8} {'kept params':>12} {'kept GB':>8} {'kept':>6}"
+    )
     for r in rows:
         print(
             f"{r['shape']:<16} {r['full_params'] / 1e9:>7.2f}B {r['full_gb']:>8.2f} "

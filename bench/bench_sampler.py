@@ -206,11 +206,17 @@ def peak_memory_gib(cuda: bool) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def sweep(sampler: Sampler, kind: str, sizes: list[int]) -> list[dict[str, Any]]:
+def sweep(
+    sampler: Sampler, kind: str, sizes: list[int], deadline: float = float("inf")
+) -> list[dict[str, Any]]:
     """One point per size (rows for "bdhs", batch for "unmasked"); an out-of-memory point
-    is recorded as {"oom": true} and ends the sweep (larger sizes would fail too)."""
+    is recorded as {"oom": true} and ends the sweep (larger sizes would fail too), and so
+    does passing `deadline` (time.perf_counter() seconds; {"skipped": "time budget"})."""
     points: list[dict[str, Any]] = []
     for size in sizes:
+        if time.perf_counter() > deadline:
+            points.append({"rows": size, "skipped": "time budget"})
+            continue
         try:
             points.append(getattr(sampler, kind)(size))
         except torch.OutOfMemoryError:

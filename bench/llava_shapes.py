@@ -9,9 +9,11 @@ llava-v1.6-vicuna-7b (Vicuna-7B = Llama-2-7B's shape, CLIP ViT-L/14-336, 7.06 B
 parameters), "llava-1.6-34b" is llava-v1.6-34b (Nous-Hermes-2-Yi-34B: hidden 7168, 60
 layers, 56 heads, 8 KV heads, MLP 20480, vocab 64000; 34.8 B), "llava-1.6-mini" toy widths.
 A `NextShape.image_side` square image fills the 2 x 2 grid pinpoint: a base tile plus 4
-grid tiles, 576 + 48 x 48 + 48 newline = 2,928 image tokens at 336-px tiles. The tokenizer is the tiny models' byte-level BPE (1,024 ids; the vocab
-rows above it exist but are never used), so no download is needed; the weights are
-random: throughput does not depend on them.
+grid tiles, 576 + 48 x 48 + 48 newline = 2,928 image tokens at 336-px tiles.
+The tokenizer is the tiny models' byte-level BPE (1,024 ids; the vocab rows above it exist
+but are never used), so no download is needed; the weights are random: throughput does
+not depend on them (random weights seldom emit "." or EOS, so a generation usually runs to
+max_new_tokens).
 """
 
 from __future__ import annotations
@@ -55,8 +57,6 @@ SHAPES: dict[str, tuple[TinySize, int, int]] = {
         14,
     ),
 }
-
-
 
 
 @dataclass(frozen=True)

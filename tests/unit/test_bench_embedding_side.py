@@ -15,7 +15,9 @@ CLIP_L_336_VISION = 303.5e6  # CLIP ViT-L/14-336 vision model
 @pytest.mark.parametrize(
     ("shape", "hidden", "vocab"), [("llava-1.6-7b", 4096, 32000), ("llava-1.6-34b", 7168, 64000)]
 )
-def test_counts_match_known_totals_and_kept_parts_by_hand(shape: str, hidden: int, vocab: int) -> None:
+def test_counts_match_known_totals_and_kept_parts_by_hand(
+    shape: str, hidden: int, vocab: int
+) -> None:
     r = measure(shape)
     assert r["full_params"] == pytest.approx(KNOWN_TOTALS[shape], rel=0.02)
     assert r["full"] == 2 * r["full_params"]  # bf16
