@@ -2,7 +2,7 @@
 
     python bench/bench_learner.py                       # tiny random LLaVA on CPU
     python bench/bench_learner.py --size large --batch-size 8 --steps 10
-    # a real checkpoint (tokens/s; MFU only for LLaVA-1.5 layouts, not v1.6's anyres tiles):
+    # a real checkpoint (tokens/s; MFU for LLaVA-1.5 and 1.6 layouts):
     python bench/bench_learner.py --model llava-hf/llava-v1.6-mistral-7b-hf --device cuda \
         --dtype bfloat16 --lora-r 128 --batch-size 8 --response-words 60 --gradient-checkpointing
     # MFU at LLaVA-1.5-7B shape (random weights, no download), ours vs plain HF + peft:
