@@ -162,6 +162,17 @@ def run_learner(plan: Plan, device: str, impl: str) -> dict[str, Any]:
     return result
 
 
+def guarded(fn: Any, *args: Any) -> dict[str, Any]:
+    """fn(*args), or {"error": ...} when it raises: one failing part must not cost the
+    others' figures (device time is scarce); the suite exits 1 at the end."""
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001
+        return {"error": f"{type(err).__name__}: {err}"[:500]}
+    finally:
+        free_memory()
+
+
 def card_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
@@ -180,6 +191,7 @@ def best(points: list[dict[str, Any]]) -> dict[str, Any] | None:
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     """The headline figures: best BDHS tok/s, unmasked tok/s per batch, both MFUs, peaks."""
     sampler, learner = result["sampler"], result["learner"]
+    sampler = {"bdhs": [], "unmasked": [], **sampler}
     top = best(sampler["bdhs"])
     return {
         "bdhs_tok_per_s": top["tok_per_s"] if top else None,
@@ -212,8 +224,10 @@ def table(result: dict[str, Any]) -> str:
         prep_s = "-" if prep is None else f"{prep:.1f}"
         lines.append(f"{name:<40} {value:>14} {mem_s:>9} {prep_s:>7}  {note}")
 
-    n_img = smp["image_tokens"]
-    for p in smp["bdhs"]:
+    if "error" in smp:
+        line("sampler", "ERROR", None, smp["error"])
+    n_img = smp.get("image_tokens")
+    for p in smp.get("bdhs", []):
         name = f"BDHS drop rho 0.99, {p['rows']} rows"
         if "tok_per_s" not in p:
             line(name, "OOM" if p.get("oom") else "skipped", None)
@@ -223,7 +237,7 @@ def table(result: dict[str, Any]) -> str:
             f">= {TARGETS['bdhs_tok_per_s']:,.0f} tok/s per H100" if p is best(smp["bdhs"]) else ""
         )
         line(name, f"{p['tok_per_s']:,.0f} tok/s", p["peak_mem_gib"], note, p["preprocess_s"])
-    for p in smp["unmasked"]:
+    for p in smp.get("unmasked", []):
         name = f"unmasked ({n_img} image tokens), batch {p['rows']}"
         if "tok_per_s" not in p:
             line(name, "OOM" if p.get("oom") else "skipped", None)
@@ -233,8 +247,8 @@ def table(result: dict[str, Any]) -> str:
     for impl, note in (("mmalign", ">= 45 % MFU"), ("hf-peft", ANCHORS["hf_peft_dpo_mfu"])):
         r = lrn[impl]
         name = f"learner {impl}, {r.get('batch_pairs', '?')} pairs"
-        if r.get("oom"):
-            line(name, "OOM", None, note)
+        if r.get("oom") or "error" in r:
+            line(name, "OOM" if r.get("oom") else "ERROR", None, r.get("error", note))
             continue
         mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f} % MFU"
         line(name, mfu, r.get("peak_mem_gib"), note)
@@ -248,6 +262,13 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"peak GiB: {result['memory']}; prep s: image preprocessing inside the call")
     lines.append(f"wall {result['wall_s']} s")
     return "\n".join(lines)
+
+
+def parts(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        ("sampler", result["sampler"]),
+        *(("learner " + k, v) for k, v in result["learner"].items()),
+    ]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -279,8 +300,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": TARGETS,
         "anchors": ANCHORS,
     }
-    result["sampler"] = run_sampler(plan, device)
-    result["learner"] = {impl: run_learner(plan, device, impl) for impl in ("mmalign", "hf-peft")}
+    result["sampler"] = guarded(run_sampler, plan, device)
+    result["learner"] = {
+        impl: guarded(run_learner, plan, device, impl) for impl in ("mmalign", "hf-peft")
+    }
     result["summary"] = summary(result)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     forbidden = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
@@ -289,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"JSON: {out}")
+    errors = [part for part, r in parts(result) if "error" in r]
+    if errors:
+        sys.exit(f"gpu_suite: {errors} failed (see their 'error' in the JSON)")
     if forbidden:
         sys.exit(f"gpu_suite: ray / vllm modules were imported ({forbidden[:5]}): the device "
                  "image has neither")  # fmt: skip

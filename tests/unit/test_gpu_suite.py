@@ -68,3 +68,22 @@ def test_tiny_suite_reports_every_figure_without_ray_or_vllm_on_cpu(tmp_path: Pa
     ):
         assert s[key], key
     assert result["targets"] == {"bdhs_tok_per_s": 5000.0, "learner_mfu": 0.45}
+
+
+def test_a_failing_part_is_recorded_and_the_suite_exits_1(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import gpu_suite
+
+    def boom(*_: object) -> dict:
+        raise RuntimeError("no kernel image")
+
+    monkeypatch.setattr(gpu_suite, "run_sampler", boom)
+    monkeypatch.setattr(gpu_suite, "run_learner", lambda plan, device, impl: {"impl": impl})
+    out = tmp_path / "suite.json"
+    with pytest.raises(SystemExit, match="sampler"):
+        gpu_suite.main(["--shape", "tiny", "--out", str(out)])
+    result = json.loads(out.read_text())  # written before the exit
+    assert result["sampler"] == {"error": "RuntimeError: no kernel image"}
+    assert result["summary"]["bdhs_tok_per_s"] is None
+    assert "ERROR" in capsys.readouterr().out
