@@ -1,6 +1,6 @@
 """GPU suite (issue 16): sampler tok/s, learner MFU and peak memory at LLaVA-1.6-7B shape.
 
-    python bench/gpu_suite.py                              # one GPU, ~3-5 min (< 8)
+    python bench/gpu_suite.py                              # one GPU, ~3-5 min (< 8) (est.)
     python bench/gpu_suite.py --out $OUT/gpu_suite.json    # where the JSON goes
     python bench/gpu_suite.py --shape tiny                 # CPU smoke run, < 1 min
 
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shape", default="llava-1.6-7b", choices=sorted(PLANS))
     ap.add_argument("--device", default="", help="default: cuda for real shapes, cpu for tiny")
-    ap.add_argument("--out", default="", help="JSON path (default gpu_suite_<shape>.json)")
+    ap.add_argument("--out", default="", help="JSON path (default runs/gpu_suite_<shape>.json)")
     args = ap.parse_args(argv)
     plan = PLANS[args.shape]
     device = args.device or ("cpu" if args.shape == "tiny" else "cuda")
@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["wall_s"] = round(time.perf_counter() - t0, 1)
     forbidden = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
     result["ray_or_vllm_imported"] = forbidden
-    out = Path(args.out or f"gpu_suite_{args.shape}.json")
+    out = Path(args.out or f"runs/gpu_suite_{args.shape}.json")  # runs/ is git-ignored
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"JSON: {out}")
