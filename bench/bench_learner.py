@@ -2,13 +2,16 @@
 
     python bench/bench_learner.py                       # tiny random LLaVA on CPU
     python bench/bench_learner.py --size large --batch-size 8 --steps 10
-    # a real checkpoint (tokens/s; MFU only for LLaVA-1.5 layouts, not v1.6's anyres tiles):
+    # a real checkpoint (tokens/s; MFU for LLaVA-1.5 and 1.6 layouts):
     python bench/bench_learner.py --model llava-hf/llava-v1.6-mistral-7b-hf --device cuda \
         --dtype bfloat16 --lora-r 128 --batch-size 8 --response-words 60 --gradient-checkpointing
     # MFU at LLaVA-1.5-7B shape (random weights, no download), ours vs plain HF + peft:
     python bench/bench_learner.py --shape llava-7b --device cuda --dtype bfloat16 --lora-r 128
     python bench/bench_learner.py --shape llava-7b --device cuda --dtype bfloat16 --lora-r 128 \
         --impl hf-peft
+    # LLaVA-1.6-7B shape (AnyRes, 672-px images: 5 tiles, 2,928 image tokens per sequence):
+    python bench/bench_learner.py --shape llava-1.6-7b --device cuda --dtype bfloat16 \
+        --lora-r 128 --batch-size 4 --response-words 60 --gradient-checkpointing
 
 Each timed step is `PreferenceLearner.step` on `--batch-size` pairs: batch building
 (tokenizer + image processor), the policy forward + backward, the reference forward
@@ -17,7 +20,7 @@ Each timed step is `PreferenceLearner.step` on `--batch-size` pairs: batch build
 tokens/s only the scored answer tokens; both once per step, although the reference pass
 reads them a second time. `model_tflops_per_step` counts the step's model FLOPs
 (`bench/flops.py`: policy forward + backward and reference forward of the LLM and LoRA,
-2 x the vision and projector forward; single-image LLaVA-1.5 layouts only, else null);
+2 x the vision and projector forward per image tile; LLaVA-1.5 and 1.6 layouts, else null);
 with a known CUDA device (or --peak-tflops) `mfu` divides their rate by the dense bf16
 peak, whatever --dtype is.
 `--impl hf-peft` times `bench/hf_peft_dpo.py` (four separate forwards, full log-softmax)
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from bench.flops import LlavaDims, dpo_step_flops, llava_dims, peak_tflops  # noqa: E402
+from bench.llava_shapes import ALL_SHAPES, NEXT_SHAPES  # noqa: E402
 from mmalign.config import LearnerConfig  # noqa: E402
 from mmalign.engines.learner import PreferenceLearner, rows_to_responses  # noqa: E402
 from mmalign.logprobs import build_response_batch  # noqa: E402
@@ -52,17 +56,20 @@ WORDS = [
 ]
 
 
-def make_rows(n: int, words: int, seed: int) -> list[dict]:
-    """n pairs with distinct coloured-square images and answers of `words` words."""
+def make_rows(n: int, words: int, seed: int, image_side: int = 64) -> list[dict]:
+    """n pairs with distinct coloured-square images (image_side px square) and answers of
+    `words` words."""
     import random
 
     from PIL import Image
 
     rng = random.Random(seed)
     rows = []
+    s = image_side
     for i in range(n):
-        img = Image.new("RGB", (64, 64), (255, 255, 255))
-        img.paste((rng.randrange(256), rng.randrange(256), rng.randrange(256)), (8, 8, 56, 56))
+        img = Image.new("RGB", (s, s), (255, 255, 255))
+        colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+        img.paste(colour, (s // 8, s // 8, s - s // 8, s - s // 8))
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         answer = " ".join(rng.choice(WORDS) for _ in range(words))
@@ -100,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--shape",
         default="",
-        choices=["", "llava-7b", "mini"],
+        choices=["", *ALL_SHAPES],
         help="random weights at a real shape (bench/llava_shapes.py) instead of --model/--size",
     )
     ap.add_argument(
@@ -121,12 +128,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=5, help="timed steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--response-words", type=int, default=20)
+    ap.add_argument(
+        "--image-side",
+        type=int,
+        default=0,
+        help="square image side in px (default: a LLaVA-1.6 shape's 5-tile side, else 64)",
+    )
     ap.add_argument("--loss", default="dpo", choices=["dpo", "ipo", "slic"])
     ap.add_argument("--lora-r", type=int, default=8)
     ap.add_argument("--reference", default="adapters-off", choices=["adapters-off", "separate"])
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = ap.parse_args(argv)
+    if not args.image_side:
+        args.image_side = NEXT_SHAPES[args.shape].image_side if args.shape in NEXT_SHAPES else 64
     if args.impl == "hf-peft" and (args.loss != "dpo" or args.reference != "adapters-off"):
         ap.error("--impl hf-peft: only --loss dpo with --reference adapters-off")
     return args
@@ -139,7 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
     dims = llava_dims(model)
     step, trainable_of = make_step(model, processor, args)
     lora_params = sum(p.numel() for n, p in trainable_of.named_parameters() if "lora_" in n)
-    rows = make_rows(args.batch_size * (args.warmup + args.steps), args.response_words, seed=0)
+    n_rows = args.batch_size * (args.warmup + args.steps)
+    rows = make_rows(n_rows, args.response_words, seed=0, image_side=args.image_side)
     batches = [rows[i : i + args.batch_size] for i in range(0, len(rows), args.batch_size)]
     timed = time_steps(step, batches, processor, args, dims, lora_params)
     result = report(args, timed, dims is not None, trainable_of)
@@ -201,8 +217,22 @@ def time_steps(
             out.tokens += int(sum(lengths))
             out.response_tokens += int(enc["response_mask"].sum())
             if dims:
-                out.flops += dpo_step_flops(dims, lengths, lora_params)
+                out.flops += dpo_step_flops(dims, lengths, lora_params, image_tiles(processor, enc))
     return out
+
+
+def image_tiles(processor: object, enc: dict) -> list[int] | None:
+    """Per sequence, its image's AnyRes tiles (base + grid; HF's own count), or None when
+    the processor does not tile (LLaVA-1.5: one tile each)."""
+    if "image_sizes" not in enc:
+        return None
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    ip = processor.image_processor  # type: ignore[attr-defined]
+    return [
+        int(image_size_to_num_patches(tuple(size), ip.image_grid_pinpoints, ip.crop_size["height"]))
+        for size in enc["image_sizes"].tolist()
+    ]
 
 
 def report(
@@ -227,6 +257,7 @@ def report(
         "reference": args.reference,
         "lora_r": args.lora_r,
         "batch_pairs": args.batch_size,
+        "image_side": args.image_side,
         "steps": args.steps,
         "threads": args.threads,
         "tokens_per_s": round(timed.tokens / total, 1),

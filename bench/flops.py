@@ -12,7 +12,9 @@ One LoRA DPO step on a pair does, per sequence (chosen, rejected):
   reference: forward with the adapters off. Total 6 * P * T + 16 * L * d * T^2.
 - LoRA (policy only): forward and full backward, 6 * P_lora * T.
 - vision tower + projector: forward in the policy pass and in the reference pass, no
-  backward (both frozen): 2 x their forward.
+  backward (both frozen): 2 x their forward. LLaVA-1.6 (AnyRes) runs them once per tile
+  (a base tile plus the grid tiles; attention within a tile); the LLM's lengths already
+  hold the unpadded grid features and newline tokens.
 MFU = these FLOPs / (step time * the device's dense peak). Recomputation (gradient
 checkpointing) and an implementation's extra passes are not model FLOPs: the same count is
 used for every implementation of the step, so MFU compares them directly.
@@ -48,15 +50,15 @@ class TowerDims:
 
 @dataclass(frozen=True)
 class LlavaDims:
-    """What the FLOP count needs of a single-image LLaVA (LLaVA-1.5 layout)."""
+    """What the FLOP count needs of a single-image LLaVA (LLaVA-1.5 or 1.6 layout)."""
 
     text: TowerDims
     vision: TowerDims
     vision_tokens: int
-    """Tokens the vision tower sees per image (patches + CLS)."""
+    """Tokens the vision tower sees per image tile (patches + CLS)."""
     projector_params: int
     image_tokens: int
-    """Projector outputs per image (the LLM's image tokens)."""
+    """Projector outputs per image tile (LLaVA-1.5: the LLM's image tokens)."""
 
 
 def forward_flops(tower: TowerDims, lengths: Sequence[int]) -> float:
@@ -66,16 +68,25 @@ def forward_flops(tower: TowerDims, lengths: Sequence[int]) -> float:
     )
 
 
-def dpo_step_flops(dims: LlavaDims, text_lengths: Sequence[int], lora_params: int = 0) -> float:
+def dpo_step_flops(
+    dims: LlavaDims,
+    text_lengths: Sequence[int],
+    lora_params: int = 0,
+    tiles: Sequence[int] | None = None,
+) -> float:
     """Model FLOPs of one LoRA preference step over the given sequences, each with one image
-    (module doc): LLM 6PT + 16LdT^2, LoRA 6 P_lora T, vision + projector 2 x forward."""
+    (module doc): LLM 6PT + 16LdT^2, LoRA 6 P_lora T, vision + projector 2 x forward.
+    tiles: per sequence, the image's tiles (LLaVA-1.6 AnyRes); None = 1 each (LLaVA-1.5)."""
     text, n = dims.text, len(text_lengths)
+    if tiles is not None and len(tiles) != n:
+        raise ValueError(f"{len(tiles)} tile counts for {n} sequences")
+    n_tiles = n if tiles is None else int(sum(tiles))
     llm = sum(
         6 * text.params * t + 16 * text.layers * text.width * t * t + 6 * lora_params * t
         for t in text_lengths
     )
-    vision = forward_flops(dims.vision, [dims.vision_tokens] * n)
-    vision += 2.0 * dims.projector_params * dims.image_tokens * n
+    vision = forward_flops(dims.vision, [dims.vision_tokens] * n_tiles)
+    vision += 2.0 * dims.projector_params * dims.image_tokens * n_tiles
     return float(llm) + 2.0 * vision
 
 
@@ -88,10 +99,14 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def llava_dims(model: object) -> LlavaDims | None:
-    """The dims of a `LlavaForConditionalGeneration` (before LoRA is injected), from its
-    parameters and config; None for other classes (LLaVA-NeXT's anyres tiles make the image
-    token count depend on the image, which this count does not model)."""
-    if type(model).__name__ != "LlavaForConditionalGeneration":
+    """The dims of a `LlavaForConditionalGeneration` or `LlavaNextForConditionalGeneration`
+    (before LoRA is injected), per image tile, from its parameters and config; None for
+    other classes. LLaVA-1.6's tiles per image depend on the image: `dpo_step_flops` takes
+    them per sequence."""
+    if type(model).__name__ not in (
+        "LlavaForConditionalGeneration",
+        "LlavaNextForConditionalGeneration",
+    ):
         return None
     cfg = model.config  # type: ignore[attr-defined]
     named = dict(model.named_parameters())  # type: ignore[attr-defined]
