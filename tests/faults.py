@@ -24,13 +24,17 @@ def actor_pids(class_name: str) -> list[int]:
     return pids
 
 
-def kill_when_exists(marker: Path, class_name: str, killed: list[int], wait_s: float = 300) -> None:
-    """Once `marker` exists (or after wait_s), SIGKILL every `class_name` actor process and
-    record the pids in `killed` (run it in a thread beside the pipeline)."""
+def kill_when_exists(
+    marker: Path, class_name: str, killed: list[int], wait_s: float = 300, count: int = 0
+) -> None:
+    """Once `marker` exists (or after wait_s), SIGKILL every `class_name` actor process (the
+    first `count` of them when count > 0) and record the pids in `killed` (run it in a
+    thread beside the pipeline)."""
     deadline = time.time() + wait_s
     while time.time() < deadline and not marker.exists():
         time.sleep(0.2)
-    for pid in actor_pids(class_name):
+    pids = actor_pids(class_name)
+    for pid in pids[:count] if count else pids:
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
 
