@@ -55,7 +55,11 @@ def existing_shards(out_dir: str) -> tuple[set[str], int]:
             continue
         next_index = max(next_index, int(m.group(1)) + 1)
         fs, path = storage.filesystem(uri)
-        ids.update(pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist())
+        table = storage.with_retries(
+            uri,
+            lambda p=path, f=fs: pq.read_table(p, columns=["id"], filesystem=f),  # type: ignore[misc]
+        )
+        ids.update(table.column("id").to_pylist())
     return ids, next_index
 
 
@@ -261,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv, description=__doc__)
     try:
         summary = run_bdhs(cfg)
-    except guard.QuarantineError as err:
+    except (guard.QuarantineError, storage.StorageError) as err:  # both name the cause
         raise SystemExit(f"bdhs.py: error: {err}") from None
     print(json.dumps(summary, indent=2))
     return summary
