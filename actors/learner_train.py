@@ -20,15 +20,26 @@ Checkpoints (every `checkpoint_every` optimizer steps and at the end) are
 trainer_state.pt, loop_state.json with the epoch/position, one rng_rank{r}.pt per worker),
 the same the online loop writes: either loop resumes the other's. Resume: Ray Train's
 `get_checkpoint()` (same storage path and run name), else `TrainLoopConfig.resume_from`.
+A dead worker (killed process, lost node) restarts the worker group from the latest
+checkpoint, up to `learner.max_failures` times, within the same `fit()`.
+
+Data report: each worker adds `data_rank{r}.json` to every checkpoint, the rows it trained
+on per epoch up to that step (count and an order-free digest of their ids,
+`ids_digest`), carried across resumes; `data_report` merges the ranks. A run whose epochs
+each saw every row once reports, per epoch, the dataset's count and digest: a row lost or
+trained twice across a restart changes both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +63,8 @@ from mmalign.engines.learner import PreferenceLearner
 
 __all__ = [
     "TrainLoopConfig",
+    "data_report",
+    "ids_digest",
     "learner_settings",
     "make_trainer",
     "resume_state",
@@ -120,6 +133,62 @@ class _Scalars:
             storage.upload_dir(self.writer.log_dir, self.remote)
 
 
+# ------------------------------------------------------------------ the data report
+
+DATA_FILE = "data_rank{rank}.json"
+
+
+def ids_digest(ids: Iterable[str]) -> int:
+    """Order-free digest of row ids: the sum of their 64-bit BLAKE2b hashes mod 2**64, so
+    digests of disjoint parts (micro-batches, ranks) add up, and a lost or repeated id
+    changes it."""
+    total = 0
+    for i in ids:
+        total += int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "big")
+    return total % 2**64
+
+
+class _Seen:
+    """One worker's rows trained on per epoch: {epoch: [rows, digest]}."""
+
+    def __init__(self, epochs: dict[int, list[int]] | None = None) -> None:
+        self.epochs = epochs or {}
+
+    def add(self, epoch: int, batch: list[dict[str, Any]]) -> None:
+        rows, digest = self.epochs.setdefault(epoch, [0, 0])
+        ids = [r["id"] for r in batch]
+        self.epochs[epoch] = [rows + len(ids), (digest + ids_digest(ids)) % 2**64]
+
+    def dump(self) -> bytes:
+        epochs = {str(e): {"rows": n, "digest": f"{d:016x}"} for e, (n, d) in self.epochs.items()}
+        return json.dumps({"epochs": epochs}).encode()
+
+    @classmethod
+    def read(cls, directory: str, rank: int) -> _Seen:
+        """This rank's record in a checkpoint directory; empty when the checkpoint has none
+        (the online loop's, or another world size's extra rank)."""
+        path = os.path.join(directory, DATA_FILE.format(rank=rank))
+        if not os.path.exists(path):
+            return cls()
+        with open(path) as f:
+            epochs = json.load(f)["epochs"]
+        return cls({int(e): [v["rows"], int(v["digest"], 16)] for e, v in epochs.items()})
+
+
+def data_report(checkpoint_dir: str) -> dict[int, dict[str, Any]]:
+    """{epoch: {"rows", "digest"}} of a checkpoint (local or s3://), all ranks together:
+    the rows trained on up to its step, per epoch, since the run started from scratch."""
+    merged: dict[int, list[int]] = {}
+    for uri in storage.list_files(checkpoint_dir):
+        name = uri.rpartition("/")[2]
+        if not (name.startswith("data_rank") and name.endswith(".json")):
+            continue
+        for epoch, v in json.loads(storage.read_bytes(uri))["epochs"].items():
+            rows, digest = merged.setdefault(int(epoch), [0, 0])
+            merged[int(epoch)] = [rows + v["rows"], (digest + int(v["digest"], 16)) % 2**64]
+    return {e: {"rows": n, "digest": f"{d:016x}"} for e, (n, d) in sorted(merged.items())}
+
+
 # ------------------------------------------------------------------ the worker loop
 
 
@@ -129,14 +198,20 @@ def _shard_rows(shard: Any) -> Iterator[dict[str, Any]]:
 
 
 def _checkpoint(
-    learner: PreferenceLearner, state: LoopState, rank: int, metrics: dict[str, float]
+    learner: PreferenceLearner,
+    state: LoopState,
+    seen: _Seen,
+    rank: int,
+    metrics: dict[str, float],
 ) -> None:
-    """Every worker writes its part and reports (a barrier); Ray merges the parts into
-    <checkpoints>/step_XXXXXX and keeps rank 0's metrics with it."""
+    """Every worker writes its part (with its data record) and reports (a barrier); Ray
+    merges the parts into <checkpoints>/step_XXXXXX and keeps rank 0's metrics with it."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as directory:
         checkpoint.save(directory, learner, dataclasses.asdict(state), rank)
+        with open(os.path.join(directory, DATA_FILE.format(rank=rank)), "wb") as f:
+            f.write(seen.dump())
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -172,17 +247,21 @@ def resume_state(
     return state
 
 
-def _restore(cfg: TrainLoopConfig, learner: PreferenceLearner, rank: int, world: int) -> LoopState:
-    """Resume from Ray Train's checkpoint of this run, else `cfg.resume_from`, else start."""
+def _restore(
+    cfg: TrainLoopConfig, learner: PreferenceLearner, rank: int, world: int
+) -> tuple[LoopState, _Seen]:
+    """Resume from Ray Train's checkpoint of this run (the latest one, also after a worker
+    died), else `cfg.resume_from`, else start."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and cfg.resume_from:
         ckpt = ray.train.Checkpoint(cfg.resume_from)
     if ckpt is None:
-        return LoopState(world_size=world)
+        return LoopState(world_size=world), _Seen()
     with ckpt.as_directory() as directory:
-        return resume_state(directory, learner, rank, world, cfg.learner.seed)
+        state = resume_state(directory, learner, rank, world, cfg.learner.seed)
+        return state, _Seen.read(directory, rank)
 
 
 class _Worker:
@@ -190,9 +269,14 @@ class _Worker:
     TensorBoard, a checkpoint report every `checkpoint_every` steps and at the target."""
 
     def __init__(
-        self, cfg: TrainLoopConfig, learner: SyncedPreferenceLearner, state: LoopState, rank: int
+        self,
+        cfg: TrainLoopConfig,
+        learner: SyncedPreferenceLearner,
+        state: LoopState,
+        seen: _Seen,
+        rank: int,
     ) -> None:
-        self.cfg, self.learner, self.state, self.rank = cfg, learner, state, rank
+        self.cfg, self.learner, self.state, self.seen, self.rank = cfg, learner, state, seen, rank
         self.target = min(cfg.stop_at_step or cfg.learner.steps, cfg.learner.steps)
         self.local_bs = local_batch_size(cfg.learner.batch_size, state.world_size)
         self.start_step = state.step
@@ -226,6 +310,7 @@ class _Worker:
     def _micro_step(self, batch: list[dict[str, Any]], n: int) -> None:
         s = self.state
         self.micro.append(self.learner.step(batch))
+        self.seen.add(s.epoch, batch)
         s.batches_in_epoch = n
         s.pairs_seen += self.local_bs * s.world_size
         if not self.micro[-1]["stepped"]:
@@ -255,7 +340,7 @@ class _Worker:
         )
         if self.scalars is not None:
             self.scalars.sync()
-        _checkpoint(self.learner, s, self.rank, report)
+        _checkpoint(self.learner, s, self.seen, self.rank, report)
         self.interval, self.t_last, self.pairs_last = [], time.perf_counter(), s.pairs_seen
 
     def close(self) -> None:
@@ -272,9 +357,9 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     learner = _build(cfg, rank)
-    state = _restore(cfg, learner, rank, world)
+    state, seen = _restore(cfg, learner, rank, world)
     learner.broadcast_trainable()
-    worker = _Worker(cfg, learner, state, rank)
+    worker = _Worker(cfg, learner, state, seen, rank)
     shard = ray.train.get_dataset_shard("train")
     while state.step < worker.target:
         worker.train_epoch(shard)
@@ -301,12 +386,12 @@ def make_trainer(
     dataset: Any,
     *,
     checkpoints: str,
-    max_failures: int = 0,
     num_to_keep: int | None = 3,
 ) -> Any:
     """A TorchTrainer whose checkpoints land in `checkpoints` (local dir or s3:// prefix) as
     step_XXXXXX/ directories. Running it again with the same `checkpoints` resumes from
-    the latest one (Ray Train's run snapshot lives there too)."""
+    the latest one (Ray Train's run snapshot lives there too); within one run a dead worker
+    restarts the group from there, up to `learner.max_failures` times."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
@@ -330,7 +415,7 @@ def make_trainer(
             storage_path=parent,
             storage_filesystem=fs if storage.is_s3(checkpoints) else None,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=lc.max_failures),
         ),
         datasets={"train": dataset},
         # preserve_order makes Ray Data's split deterministic (see the module docstring).

@@ -11,6 +11,7 @@ stores secrets itself, and error messages name only the URI.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -51,6 +52,7 @@ class RetryPolicy:
 
 
 _POLICY = RetryPolicy()
+log = logging.getLogger("mmalign.storage")
 
 # Substrings of botocore / pyarrow (AWS SDK for C++) errors that mean "try again".
 _TRANSIENT = (
@@ -126,6 +128,8 @@ def with_retries(uri: str, fn: Callable[[], T]) -> T:
                         f"({type(err).__name__}); rerun to resume once it is back"
                     ) from None
                 raise _explain(uri, err) from None
+            # the URI and the error's type only: messages may quote request details
+            log.warning("%s: transient %s, retrying in %.2f s", uri, type(err).__name__, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")
 

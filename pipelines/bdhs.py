@@ -57,7 +57,11 @@ def existing_shards(out_dir: str) -> tuple[set[str], int]:
             continue
         next_index = max(next_index, int(m.group(1)) + 1)
         fs, path = storage.filesystem(uri)
-        ids.update(pq.read_table(path, columns=["id"], filesystem=fs).column("id").to_pylist())
+        table = storage.with_retries(
+            uri,
+            lambda p=path, f=fs: pq.read_table(p, columns=["id"], filesystem=f),  # type: ignore[misc]
+        )
+        ids.update(table.column("id").to_pylist())
     return ids, next_index
 
 
@@ -266,7 +270,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv, description=__doc__)
     try:
         summary = run_bdhs(cfg)
-    except (guard.QuarantineError, mio.InputError) as err:
+    except (
+        guard.QuarantineError,
+        mio.InputError,
+        storage.StorageError,
+    ) as err:  # each names the cause
         raise SystemExit(f"bdhs.py: error: {err}") from None
     except Exception as err:  # Ray wraps an operator's SystematicFailure
         failure = guard.find_systematic(err)

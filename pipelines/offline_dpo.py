@@ -244,6 +244,7 @@ def run(cfg: Config, evaluate: bool = True) -> dict[str, Any]:
 
     if not cfg.data.offline_pairs:
         raise SystemExit("data.offline_pairs: set the preference Parquet to train on")
+    storage.use_config(cfg.storage)  # retries of transient storage errors, for this driver
     out, checkpoints = _absolute(cfg.storage.output_dir), _absolute(cfg.storage.checkpoints)
     for uri in (out, checkpoints, cfg.data.offline_pairs):
         storage.check_bucket(uri)

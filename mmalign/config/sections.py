@@ -315,6 +315,12 @@ class LearnerConfig:
     warmup_steps: int = opt(0, "Linear warm-up steps.")
     steps: int = opt(100, "Optimizer steps to run.")
     num_workers: int = opt(1, "Data-parallel learner workers (Ray Train).")
+    max_failures: int = opt(
+        3,
+        "Offline learner (Ray Train): times the worker group is restarted after a worker "
+        "dies (process killed, node lost), each time from the latest checkpoint; 0 = fail "
+        "at the first, -1 = no limit.",
+    )
     use_gpu: bool = opt(False, "Train on GPUs (bf16 autocast).")
     gradient_checkpointing: bool = opt(
         False,
@@ -345,6 +351,7 @@ class LearnerConfig:
         one_of(self.schedule, ("cosine", "constant"), f"{p}.schedule")
         for name in ("batch_size", "grad_accum", "steps", "num_workers"):
             check(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1")
+        check(self.max_failures >= -1, f"{p}.max_failures", "must be >= -1")
         check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
         check(self.max_grad_norm >= 0, f"{p}.max_grad_norm", "must be >= 0")
         check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
@@ -392,8 +399,8 @@ class StorageConfig:
         6,
         "Attempts of an S3 operation that fails transiently (connection refused/reset, "
         "timeouts, 5xx, throttling) before the run fails naming the URI; set by "
-        "pipelines/bdhs.py for its driver's reads and writes (other pipelines and actors "
-        "use the default).",
+        "pipelines/bdhs.py, online_dpo.py and offline_dpo.py for their drivers' reads and "
+        "writes (actors and Ray Train workers use the default, 6).",
     )
     retry_backoff_s: float = opt(
         0.5, "First wait between S3 retries in seconds; doubles per retry, capped at 8 s."

@@ -4,88 +4,22 @@ takes down and brings back (moto keeps its buckets; only the network goes away).
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from urllib.parse import urlparse
 
 import pytest
 
 from mmalign import io as mio
 from mmalign import storage
 from mmalign.storage import RetryPolicy, StorageError
-
-
-class Proxy:
-    """A loopback TCP forwarder to `target`; stop() refuses connections and cuts open ones."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.port = probe.getsockname()[1]
-        probe.close()
-        self.server: socket.socket | None = None
-        self.conns: list[socket.socket] = []
-
-    def start(self) -> None:
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", self.port))
-        server.listen(64)
-        self.server = server
-        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            # shutdown wakes the accept() thread (close alone leaves the socket listening)
-            with contextlib.suppress(OSError):
-                self.server.shutdown(socket.SHUT_RDWR)
-            self.server.close()
-            self.server = None
-        for c in self.conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-            c.close()
-        self.conns = []
-
-    def _accept(self, server: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+from tests.faults import Proxy, proxied_s3
 
 
 @pytest.fixture()
 def proxied(s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Proxy]]:
-    url = urlparse(storage.os.environ["AWS_ENDPOINT_URL"])
-    proxy = Proxy((url.hostname or "127.0.0.1", int(url.port or 80)))
-    proxy.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # our policy, not botocore's, is measured
-    old = storage.retry_policy()
-    yield s3_bucket, proxy
-    storage.set_retry_policy(old)
-    proxy.stop()
+    with proxied_s3(monkeypatch) as proxy:
+        yield s3_bucket, proxy
 
 
 def test_retry_policy_waits_double_up_to_the_cap() -> None:
