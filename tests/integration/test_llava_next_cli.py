@@ -45,6 +45,9 @@ def test_llava_next_through_bdhs_offline_and_online_clis(tmp_path: Path) -> None
             image = (tmp_path / "data" / items[row["id"]]["image"]).read_bytes()
             prompt = default_prompt_text(processor, row["prompt"][0]["content"][-1]["text"])
             assert params["image_tokens"] == count_image_tokens(processor, prompt, image)
+            # the density is a count of that row's positions: visible / image_tokens
+            visible = params["mask_density"] * params["image_tokens"]
+            assert abs(visible - round(visible)) < 1e-6 and 0 <= visible <= params["image_tokens"]
             counts.add(params["image_tokens"])
         assert len(counts) >= 3, counts  # aspect ratios gave different grids
 
