@@ -237,3 +237,13 @@ def chosen_nll(chosen_logps: torch.Tensor, chosen_tokens: torch.Tensor) -> torch
     the chosen answer's likelihood together with the rejected one's.
     """
     return -chosen_logps / chosen_tokens.clamp(min=1).to(chosen_logps.dtype)
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Per-example reward-model loss -log sigmoid(s(y+) - s(y-)) (Bradley-Terry: the
+    probability that y+ is preferred is sigmoid of the score difference)."""
+    if chosen_scores.shape != rejected_scores.shape:
+        raise ValueError(
+            f"score shapes differ: {tuple(chosen_scores.shape)} vs {tuple(rejected_scores.shape)}"
+        )
+    return -F.logsigmoid(chosen_scores - rejected_scores)
