@@ -118,11 +118,12 @@ class Verdict:
         kept: the pair may be used as a preference (winner chosen, loser rejected).
         reason: see `Reason`. For a single-order VLM judge or the object judge a decisive
             verdict is "agree" (nothing disagreed with it).
-        judge: "vlm" or "objects".
+        judge: "vlm", "objects" or "reward-model".
         orders: presentation orders the VLM judge ran (2 with both orders, 1, or 0 when no
             model text was produced: object judge, invalid or failed rows).
         order_a / order_b: parsed VLM choices "1" / "2" / "tie" / None (None if not run).
-        raw_a / raw_b: the judge's full texts for order A / B ("" if not run).
+        raw_a / raw_b: the judge's full texts for order A / B ("" if not run); for the
+            reward-model judge, the scores of response a / b as text.
         error: why an "invalid"/"error" row was not judged; "" otherwise.
         hallucinated_a/b, recalled_a/b: object judge counts (distinct classes); -1 for VLM.
     """
@@ -154,6 +155,16 @@ def verdict_dict(verdict: Verdict) -> dict[str, Any]:
 def failed_verdict(judge: str, reason: Literal["invalid", "error"], error: str) -> Verdict:
     """Verdict for a row that could not be judged (kept=False, the message in `error`)."""
     return Verdict(winner=None, kept=False, reason=reason, judge=judge, error=error)
+
+
+def score_verdict(score_a: float, score_b: float, tie_margin: float = 0.0) -> Verdict:
+    """Reward-model verdict: the higher score wins; |a - b| <= tie_margin is a tie. Each
+    answer is scored alone, so both presentation orders give the same verdict."""
+    raw = (f"{score_a:.6g}", f"{score_b:.6g}")
+    if abs(score_a - score_b) <= tie_margin:
+        return Verdict(None, False, "tie", "reward-model", 0, raw_a=raw[0], raw_b=raw[1])
+    winner: Literal["a", "b"] = "a" if score_a > score_b else "b"
+    return Verdict(winner, True, "agree", "reward-model", 0, raw_a=raw[0], raw_b=raw[1])
 
 
 def verdict_from_texts(raw_a: str, raw_b: str | None) -> Verdict:

@@ -197,6 +197,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="pairs per judge call")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--reward-model",
+        default="",
+        help="also score the pairs with this reward model (saved by "
+        "mmalign.engines.reward_model; judge kind reward-model), reported beside the judges",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="JSON report path")
     args = p.parse_args(argv)
@@ -236,6 +242,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if annotated:
         engine = JudgeEngine("objects", vocab=object_vocabulary(args, coco))
         objects = evaluate_judge(engine, annotated, args.batch_size)[0]
+    reward = None
+    if args.reward_model:
+        scorer = JudgeConfig(
+            kind="reward-model", model=args.reward_model, batch_size=args.batch_size
+        )
+        reward = evaluate_judge(JudgeEngine.from_config(scorer), rows, args.batch_size)[0]
     report = {
         "model": args.model,
         "prompt_style": args.prompt_style,
@@ -249,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "skipped_examples": skipped[:5],
         "vlm": vlm,
         "objects": objects,
+        "reward_model": reward,
         "examples": [
             {"kind": r["kind"], "label": r["label"], "raw_a": v["raw_a"], "raw_b": v["raw_b"]}
             for r, v in list(zip(rows, verdicts, strict=True))[:10]
@@ -260,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             {
                 "vlm": summary,
                 "objects_accuracy_kept": objects["accuracy_kept"] if objects else None,
+                "reward_model_accuracy_kept": reward["accuracy_kept"] if reward else None,
                 "skipped_rows": len(skipped),
             },
             indent=1,

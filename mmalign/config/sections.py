@@ -223,11 +223,18 @@ class JudgeConfig:
     """The annotator that ranks the policy's samples (ALGORITHMS.md section 4)."""
 
     kind: str = opt(
-        "vlm", "'vlm' (generative pairwise judge) or 'objects' (object-annotation judge)."
+        "vlm",
+        "'vlm' (generative pairwise judge), 'objects' (object-annotation judge) or "
+        "'reward-model' (scores each answer with a reward model saved by "
+        "mmalign.engines.reward_model; the higher score wins, no position bias).",
     )
     model: str = opt(
         "assets/models/shapes-llava-judge",
-        "Judge checkpoint for kind=vlm (the paper: llava-hf/llava-v1.6-34b-hf).",
+        "Judge checkpoint for kind=vlm (the paper: llava-hf/llava-v1.6-34b-hf) or the reward "
+        "model directory for kind=reward-model.",
+    )
+    tie_margin: float = opt(
+        0.0, "kind=reward-model: scores closer than this are a tie (the pair is not kept)."
     )
     engine: str = opt("hf", "Generation engine for the judge: 'hf' or 'vllm'.")
     vllm_gpu_memory: float = vllm_memory_opt()
@@ -255,7 +262,8 @@ class JudgeConfig:
     )
 
     def validate(self, p: str) -> None:
-        one_of(self.kind, ("vlm", "objects"), f"{p}.kind")
+        one_of(self.kind, ("vlm", "objects", "reward-model"), f"{p}.kind")
+        check(self.tie_margin >= 0, f"{p}.tie_margin", "must be >= 0")
         one_of(self.engine, ("hf", "vllm"), f"{p}.engine")
         check(0 < self.vllm_gpu_memory <= 1, f"{p}.vllm_gpu_memory", "must be in (0, 1]")
         one_of(self.dtype, ("float32", "bfloat16", "float16"), f"{p}.dtype")

@@ -30,6 +30,7 @@ from mmalign.judge import (
     failed_verdict,
     judge_pairs,
     object_judge,
+    score_verdict,
     verdict_dict,
 )
 from mmalign.metrics.vocab import ObjectVocabulary, load_vocabulary
@@ -123,9 +124,13 @@ class JudgeEngine:
         both_orders: bool = True,
         batch_size: int = 8,
         prompt_style: str = "full",
+        reward_model: Any = None,
+        tie_margin: float = 0.0,
     ) -> None:
-        if kind not in ("vlm", "objects"):
-            raise ValueError(f"kind must be 'vlm' or 'objects', got {kind!r}")
+        if kind not in ("vlm", "objects", "reward-model"):
+            raise ValueError(f"kind must be 'vlm', 'objects' or 'reward-model', got {kind!r}")
+        if kind == "reward-model" and reward_model is None:
+            raise ValueError("kind='reward-model' needs a reward_model (RewardModel)")
         if kind == "vlm" and generate is None:
             raise ValueError("kind='vlm' needs a generate callable")
         if prompt_style not in PROMPT_STYLES:
@@ -142,11 +147,21 @@ class JudgeEngine:
         self.both_orders = both_orders
         self.batch_size = batch_size
         self.prompt_style = prompt_style
+        self.reward_model, self.tie_margin = reward_model, tie_margin
 
     @classmethod
     def from_config(cls, cfg: Any, vocab: ObjectVocabulary | None = None) -> JudgeEngine:
         """Build from a `mmalign.config.JudgeConfig`: for kind='vlm' loads the judge model on
         `judge.engine` ("hf" or "vllm", mmalign.engines.factory)."""
+        if cfg.kind == "reward-model":
+            from mmalign.engines.reward_model import RewardModel
+
+            return cls(
+                "reward-model",
+                reward_model=RewardModel.load(cfg.model, dtype=cfg.dtype),
+                batch_size=cfg.batch_size,
+                tie_margin=cfg.tie_margin,
+            )
         if cfg.kind == "objects":
             vocab = vocab or load_vocabulary(cfg.vocabulary)  # judge.vocabulary
             return cls(
@@ -183,14 +198,15 @@ class JudgeEngine:
                 try:
                     image = decode_image(dict(_first_image(row)))
                 except Exception as err:  # noqa: BLE001 - unreadable/unreachable image
-                    verdicts[i] = failed_verdict("vlm", "invalid", str(err))
+                    verdicts[i] = failed_verdict(self.kind, "invalid", str(err))
                     continue
                 todo.append(
                     (i, PairRequest(image, row["question"], row["response_a"], row["response_b"]))
                 )
+        judge_chunk = self._score_chunk if self.kind == "reward-model" else self._judge_chunk
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
-            for (i, _), verdict in zip(chunk, self._judge_chunk([p for _, p in chunk])):
+            for (i, _), verdict in zip(chunk, judge_chunk([p for _, p in chunk])):
                 verdicts[i] = verdict
         return [verdict_dict(v) for v in verdicts if v is not None]
 
@@ -218,6 +234,19 @@ class JudgeEngine:
                 return [_error_verdict(err)]
         return [self._judge_alone(p) for p in pairs]
 
+    def _score_chunk(self, pairs: list[PairRequest]) -> list[Verdict]:
+        """Reward-model verdicts: each answer scored alone; a failing chunk is retried
+        pair by pair so one bad row fails alone."""
+        rows = [{"image": p.image, "prompt": p.question, "a": p.response_a, "b": p.response_b}
+                for p in pairs]  # fmt: skip
+        try:
+            a, b = self.reward_model.score(rows, "a"), self.reward_model.score(rows, "b")
+            return [score_verdict(float(x), float(y), self.tie_margin) for x, y in zip(a, b)]
+        except Exception as err:  # noqa: BLE001 - isolate the failing row(s) below
+            if len(pairs) == 1:
+                return [_error_verdict(err, "reward-model")]
+        return [self._score_chunk([p])[0] for p in pairs]
+
     def _judge_alone(self, pair: PairRequest) -> Verdict:
         assert self.generate is not None
         try:
@@ -226,8 +255,8 @@ class JudgeEngine:
             return _error_verdict(err)
 
 
-def _error_verdict(err: Exception) -> Verdict:
+def _error_verdict(err: Exception, judge: str = "vlm") -> Verdict:
     message = f"judge failed: {type(err).__name__}: {err}"
     if "out of memory" in str(err).lower():
         message += " (lower judge.batch_size or max_new_tokens, or give the judge more memory)"
-    return failed_verdict("vlm", "error", message)
+    return failed_verdict(judge, "error", message)

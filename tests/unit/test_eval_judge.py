@@ -201,3 +201,20 @@ def test_main_on_coco_files_and_a_parquet_they_annotate_on_cpu(tmp_path: Path) -
     report = main([*args, "--pairs", str(tmp_path / "pairs.parquet"), "--n-pairs", "0"])
     assert report["vlm"]["pairs"] == 3 and report["objects"]["pairs"] == 2
     assert report["objects"]["accuracy_kept"] == 1.0
+
+
+def test_main_reports_a_reward_model_beside_the_judges(tmp_path: Path) -> None:
+    """--reward-model: the same held-out pairs scored by a reward model (judge kind
+    reward-model), with the judges' accuracy fields; scoring is order-free, so every pair
+    is decided (no disagreements) unless two scores tie exactly."""
+    from mmalign.config import LearnerConfig
+    from mmalign.engines.reward_model import RewardModel
+    from mmalign.models.tiny_llava import build_tiny_llava
+
+    model, processor = build_tiny_llava("small", seed=2)
+    RewardModel(model, processor, LearnerConfig(lora_r=4, seed=0)).save(str(tmp_path / "rm"))
+    report = main([*FAST, "--reward-model", str(tmp_path / "rm")])
+    reward = report["reward_model"]
+    assert ACCURACY_KEYS <= set(reward) and reward["pairs"] == 4
+    assert reward["judge/disagreements"] == 0 and reward["kept"] == 4
+    assert 0.0 <= reward["accuracy_kept"] <= 1.0 and report["vlm"]["pairs"] == 4

@@ -66,3 +66,35 @@ def test_training_separates_a_pair_and_save_load_round_trips(tmp_path: Path) -> 
         model.save_pretrained(tmp_path / "plain")
         processor.save_pretrained(tmp_path / "plain")
         RewardModel.load(str(tmp_path / "plain"))
+
+
+def test_reward_model_as_judge_kind(tmp_path: Path) -> None:
+    """judge.kind reward-model: JudgeEngine.from_config loads the saved model; the higher
+    score wins, swapping the slots swaps the winner (no position bias), scores within
+    judge.tie_margin are a tie, a bad row fails alone."""
+    from mmalign.config import JudgeConfig
+    from mmalign.engines.judge_engine import JudgeEngine
+    from mmalign.judge import score_verdict
+    from mmalign.models.tiny_llava import build_tiny_llava
+
+    assert score_verdict(1.0, 0.5).winner == "a" and score_verdict(0.5, 1.0).winner == "b"
+    tie = score_verdict(1.0, 0.9, tie_margin=0.2)
+    assert (tie.winner, tie.kept, tie.reason, tie.raw_a) == (None, False, "tie", "1")
+
+    model, processor = build_tiny_llava("small", seed=1)
+    RewardModel(model, processor, LearnerConfig(lora_r=4, seed=0)).save(str(tmp_path / "rm"))
+    image = {"bytes": _png("red"), "path": None}
+    rows = [
+        {"image": image, "question": "Describe it.", "response_a": a, "response_b": b}
+        for a, b in [("a red square.", "two dogs."), ("two dogs.", "a red square.")]
+    ]
+    engine = JudgeEngine.from_config(JudgeConfig(kind="reward-model", model=str(tmp_path / "rm")))
+    first, swapped = engine.judge(rows)
+    assert first["judge"] == "reward-model" and first["kept"] and first["orders"] == 0
+    assert {first["winner"], swapped["winner"]} == {"a", "b"}  # the same answer both times
+    assert (first["raw_a"], first["raw_b"]) == (swapped["raw_b"], swapped["raw_a"])
+    gap = abs(float(first["raw_a"]) - float(first["raw_b"]))
+    wide = JudgeConfig(kind="reward-model", model=str(tmp_path / "rm"), tie_margin=gap + 1)
+    assert [v["reason"] for v in JudgeEngine.from_config(wide).judge(rows)] == ["tie", "tie"]
+    bad = engine.judge([{**rows[0], "image": {"bytes": b"not an image", "path": None}}])
+    assert bad[0]["reason"] == "invalid" and bad[0]["judge"] == "reward-model"
