@@ -61,11 +61,14 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def to_pil(image: Any) -> Any:
-    """PNG/JPEG bytes, a PIL image, or a schema image struct {"bytes", "path"} -> RGB PIL."""
+    """PNG/JPEG bytes, a PIL image, or a schema image struct {"bytes", "path"} -> RGB PIL
+    (the path read through mmalign.storage: local or s3://)."""
     from PIL import Image
 
     if isinstance(image, dict):  # mmalign.schema IMAGE struct: bytes win over a path
-        image = image.get("bytes") or Image.open(image["path"])
+        from mmalign import storage  # a path may be local or s3:// (LLaVA JSON on S3)
+
+        image = image.get("bytes") or storage.read_bytes(image["path"])
     if isinstance(image, (bytes, bytearray, memoryview)):
         image = Image.open(io.BytesIO(bytes(image)))
     if not isinstance(image, Image.Image):

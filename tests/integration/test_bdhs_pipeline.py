@@ -401,3 +401,45 @@ def test_engine_error_on_most_of_a_batch_stops_the_job(
         )
     # (a yes/no answer swapped without generating is the one row that gets through)
     assert "quarantined" in str(err.value) and "x generation: IndexError" in str(err.value)
+
+
+@pytest.mark.ray
+def test_llava_json_on_s3_with_relative_image_paths(
+    model_dir: str, tmp_path: Path, s3_bucket: str
+) -> None:
+    """LLaVA JSON on S3 whose image paths are relative to it: the images are read from the
+    bucket through the storage layer (they were once opened as local files, quarantining
+    every row), and the output lands in the bucket."""
+    import ray
+
+    from mmalign import storage
+    from pipelines.bdhs import run_bdhs
+
+    # a cluster started after s3_env: its workers see the endpoint and keys, as a real one
+    ray.shutdown()
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+
+    uri, good_ids = write_json_input(tmp_path, 4)
+    storage.upload_dir(str(tmp_path / "input"), f"{s3_bucket}/input")
+    cfg = load(
+        None,
+        {
+            "data.prompts": f"{s3_bucket}/input/{Path(uri).name}",
+            "sampler.model": model_dir,
+            "sampler.max_new_tokens": 6,
+            "bdhs.n_bdhs": 2,
+            "bdhs.splitter": "regex",
+            "bdhs.identical": "flag",
+            "storage.output_dir": f"{s3_bucket}/run",
+        },
+    )
+    summary = run_bdhs(cfg)
+    assert summary["rows"] == 4 and summary["quarantined"] == 2, summary
+    shards = [u for u in storage.list_files(f"{s3_bucket}/run/bdhs") if u.endswith(".parquet")]
+    ids = [i for u in shards for i in mio.read_parquet(u).column("id").to_pylist()]
+    assert sorted(ids) == sorted(good_ids)
+    lines = storage.read_bytes(f"{s3_bucket}/run/bdhs_quarantine.jsonl").decode().splitlines()
+    reasons = {json.loads(x)["id"]: json.loads(x)["reason"] for x in lines}
+    assert set(reasons) == {"bad-missing-image", "bad-empty-answer"}
+    assert f"{s3_bucket}/input/images/bad-missing-image.png" in reasons["bad-missing-image"]
+    ray.shutdown()
