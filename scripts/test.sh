@@ -8,7 +8,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELI
 .venv/bin/ruff format --check .
 .venv/bin/mypy mmalign
 set +e
-.venv/bin/python -m pytest -m "not vllm" "$@"
+.venv/bin/python -m pytest -m "not vllm" --durations=20 "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected no tests: that is a failure of the suite, not a pass.
