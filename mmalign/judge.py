@@ -300,6 +300,21 @@ def object_judge(
     )
 
 
+def object_score(
+    response: str,
+    objects: Collection[str],
+    vocab: ObjectVocabulary,
+    question: str = "",
+    hallucination_weight: float = 1.0,
+) -> float:
+    """A scalar reward from the annotations, on the object judge's counts (distinct
+    classes): recalled - hallucination_weight * hallucinated. Ranks two answers as
+    `object_judge` does when the weight is large; the RL baselines' object-grounded reward."""
+    truth = canonical_objects(objects, vocab)
+    mentioned = claimed_objects(response, question, vocab)
+    return float(len(mentioned & truth)) - hallucination_weight * len(mentioned - truth)
+
+
 # ------------------------------------------------------------------ counting
 
 

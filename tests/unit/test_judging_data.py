@@ -12,6 +12,7 @@ from mmalign.judge import (
     format_judge_prompt,
     judge_accuracy,
     object_judge,
+    object_score,
 )
 from mmalign.judge_parse import parse_judge_output
 from mmalign.metrics.vocab import shapes_vocabulary
@@ -78,6 +79,27 @@ def test_object_judge_agrees_with_every_description_example_on_cpu() -> None:
         objects = [o["name"] for o in e["objects"]]
         verdict = object_judge(e["chosen"], e["rejected"], objects, VOCAB)
         assert verdict.winner == "a", (e["kind"], e["chosen"], e["rejected"], objects)
+
+
+def test_object_score_counts_recalled_minus_hallucinated() -> None:
+    """The RL baselines' object-grounded reward, by hand, and the object judge's order."""
+    objects = ["red circle", "blue square"]
+    assert object_score("There is a red circle.", objects, VOCAB) == 1.0
+    assert object_score("A red circle and a green cross.", objects, VOCAB) == 0.0
+    assert (
+        object_score("A red circle and a green cross.", objects, VOCAB, hallucination_weight=3)
+        == -2.0
+    )
+    assert object_score("A red circle. A blue square. A red circle.", objects, VOCAB) == 2.0
+    for e in judging_examples(CFG, "sft", range(60)):
+        if e["kind"] in ("existence", "incomplete"):
+            continue
+        names = [o["name"] for o in e["objects"]]
+        score = [
+            object_score(e[k], names, VOCAB, hallucination_weight=10)
+            for k in ("chosen", "rejected")
+        ]
+        assert score[0] > score[1], (e["kind"], e["chosen"], e["rejected"])
 
 
 def test_judge_row_and_flip_on_cpu() -> None:
