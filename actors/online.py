@@ -165,6 +165,22 @@ class JudgeActor:
             ]
         )
 
+    def score_refs(self, refs: Sequence[RowRef], responses: Sequence[str]) -> list[float]:
+        """One reward per response (mode rloo); rows arrive as RowRefs, resolved here."""
+        rows = resolve_rows(refs)
+        with self.timer.work():
+            return self.engine.score(
+                [
+                    {
+                        "image": r["images"][0],
+                        "question": r["prompt"],
+                        "response": text,
+                        "objects": r["objects"],
+                    }
+                    for r, text in zip(rows, responses, strict=True)
+                ]  # fmt: skip
+            )
+
     def busy(self) -> dict[str, Any]:
         return self.timer.stats()
 
@@ -175,12 +191,12 @@ class LearnerActor:
 
     def __init__(self, model: str, learner: LearnerConfig, dtype: str, run_name: str = "") -> None:
         _threads()
-        from mmalign.engines.learner import PreferenceLearner
+        from mmalign.engines.rl_learner import RLOOLearner
         from mmalign.models.loading import load_model
 
         device = "cuda" if learner.use_gpu else "cpu"
         base, processor = load_model(model, dtype, device)
-        self.learner = PreferenceLearner(base, processor, learner)
+        self.learner = RLOOLearner(base, processor, learner)  # a PreferenceLearner + RLOO
         self.processor = processor
         self.timer = _timer("learner", run_name)
 
@@ -189,6 +205,9 @@ class LearnerActor:
         two-rejected loss)."""
         resolved = resolve_pairs(rows)  # online pairs carry RowRefs, not image bytes
         with self.timer.work():
+            if resolved and "samples" in resolved[0]:  # mode rloo: rewards come normalised
+                kl = self.learner.settings.kl_coef
+                return self.learner.rloo_step(resolved, 0.0, 1.0, kl)
             return self.learner.step(resolved)
 
     def adapter_state(self) -> dict[str, Any]:

@@ -163,4 +163,64 @@ class BDHSSource:
         return {}
 
 
+Scorer = Callable[[list[Any], list[str]], list[float]]
+
+
+class RLOOSource(OnlineSource):
+    """Mode rloo ([ALIGN] App. A): `batch_size` prompts a step, k samples each (temperature
+    `sampler.temperature`); the reward role scores every sample alone (`judge.kind`
+    objects or reward-model) and each prompt becomes one RLOO row {samples, rewards}.
+
+    Rewards are normalised with statistics computed once, on the first step this source
+    scores (the initial policy's samples, before any update), and kept for the run; a
+    resumed run computes them again on its first step."""
+
+    def __init__(self, prompts: Prompts, score: Scorer, batch_size: int, seed: int) -> None:
+        super().__init__(prompts, lambda refs, both: [], batch_size, seed)
+        self.score = score
+        self.stats: tuple[float, float] | None = None
+
+    def pairs(self, done: Done, step: int) -> tuple[list[Row], dict[str, Any]]:
+        import torch
+
+        from mmalign import rl
+
+        sampled = [(r, resp, v) for shard, v, samples in done for r, resp in zip(shard, samples)]
+        refs = [r["images"][0] for r, resp, _ in sampled for _ in resp]
+        raw = self.score(refs, [text for _, resp, _ in sampled for text in resp])
+        if self.stats is None and len(raw) >= 2:
+            mean, std = rl.reward_stats(torch.tensor(raw, dtype=torch.float64))
+            self.stats = (mean, std if std > 0 else 1.0)  # equal rewards: scale 1
+        mean, std = self.stats or (0.0, 1.0)
+        rows, it = [], iter(raw)
+        for row, resp, version in sampled:
+            scores = [next(it) for _ in resp]
+            rows.append(
+                {
+                    "id": row["id"],
+                    "image": row["images"][0],  # a RowRef: the learner resolves it
+                    "prompt": "",
+                    "samples": list(resp),
+                    "rewards": [(x - mean) / std for x in scores],
+                    "raw_rewards": scores,
+                    "source": "online",
+                    "version": version,
+                }
+            )
+        counts = {
+            "samples": len(raw),
+            "judged": len(raw),
+            "kept": 0,
+            "ties": 0,
+            "reward_sum": float(sum(raw)),
+        }
+        return rows, counts
+
+    def describe(self, counts: dict[str, Any]) -> str:
+        return f"reward {counts['reward_sum'] / max(1, counts['samples']):.3f} "
+
+    def rates(self, counts: dict[str, Any]) -> dict[str, float]:
+        return {"reward_raw_mean": counts["reward_sum"] / max(1, counts["samples"])}
+
+
 PairSource = OnlineSource | BDHSSource

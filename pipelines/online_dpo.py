@@ -55,7 +55,13 @@ from mmalign import quarantine as guard  # noqa: E402
 from mmalign.config import Config, ConfigError, check_bdhs_engine, parse_args  # noqa: E402
 from mmalign.engines import checkpoint  # noqa: E402
 from mmalign.evaluation import format_comparison, headline  # noqa: E402
-from mmalign.pair_sources import BDHSSource, MixedSource, OnlineSource, PairSource  # noqa: E402
+from mmalign.pair_sources import (  # noqa: E402
+    BDHSSource,
+    MixedSource,
+    OnlineSource,
+    PairSource,
+    RLOOSource,
+)
 
 if TYPE_CHECKING:
     from actors.sampler_pool import SamplerPool
@@ -74,6 +80,10 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(
             "learner.loss: mode 'online-bdhs' trains the two-rejected loss and needs a pair "
             "loss (dpo, ipo, slic), got 'mdpo'"
+        )
+    if mode == "rloo" and cfg.judge.kind == "vlm":
+        raise ConfigError(
+            "judge.kind: mode 'rloo' scores each sample alone; use 'objects' or 'reward-model'"
         )
     if mode != "online-bdhs" and cfg.sampler.samples_per_prompt < 2:
         raise ConfigError("sampler.samples_per_prompt: the judge needs at least 2 samples")
@@ -261,6 +271,12 @@ def pair_source(cfg: Config, prompts: Any, offline: list[dict[str, Any]], judge:
     def judge_refs(refs: list[Any], both: list[list[str]]) -> list[dict[str, Any]]:
         return ray.get(judge.judge_refs.remote(refs, both))
 
+    if cfg.pipeline.mode == "rloo":
+
+        def score_refs(refs: list[Any], texts: list[str]) -> list[float]:
+            return ray.get(judge.score_refs.remote(refs, texts))
+
+        return RLOOSource(prompts, score_refs, L.batch_size, S.seed)
     if cfg.pipeline.mode == "mixed":
         return MixedSource(
             prompts, judge_refs, L.batch_size, S.seed, offline, cfg.pipeline.p_offline
@@ -443,10 +459,16 @@ def pair_log(pair: dict[str, Any], step: int, version: int) -> dict[str, Any]:
         "version": pair["version"],
         "step": step,
         "lag": version - pair["version"] if pair["version"] >= 0 else None,
-        "chosen": pair["chosen"],
-        "rejected": pair["rejected"],
-        "rejected_extra": list(pair.get("rejected_extra") or []),
     }
+    if "samples" in pair:  # mode rloo: k samples and their rewards (raw and normalised)
+        row.update(samples=pair["samples"], rewards=pair["raw_rewards"])
+        row["normalized_rewards"] = pair["rewards"]
+        return row
+    row.update(
+        chosen=pair["chosen"],
+        rejected=pair["rejected"],
+        rejected_extra=list(pair.get("rejected_extra") or []),
+    )
     if "bdhs_similarity" in pair:
         row["bdhs_similarity"] = pair["bdhs_similarity"]
     return row

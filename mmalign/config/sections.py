@@ -322,6 +322,9 @@ class LearnerConfig:
     schedule: str = opt("cosine", "'cosine' or 'constant' learning-rate schedule.")
     warmup_steps: int = opt(0, "Linear warm-up steps.")
     steps: int = opt(100, "Optimizer steps to run.")
+    kl_coef: float = opt(
+        0.05, "RLOO: weight of the sequence KL to the reference subtracted from each reward."
+    )
     num_workers: int = opt(1, "Data-parallel learner workers (Ray Train).")
     max_failures: int = opt(
         3,
@@ -362,6 +365,7 @@ class LearnerConfig:
         check(self.max_failures >= -1, f"{p}.max_failures", "must be >= -1")
         check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
         check(self.max_grad_norm >= 0, f"{p}.max_grad_norm", "must be >= 0")
+        check(self.kl_coef >= 0, f"{p}.kl_coef", "must be >= 0")
         check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         check(self.max_response_tokens >= 0, f"{p}.max_response_tokens", "must be >= 0")
         check(self.shuffle_window >= 0, f"{p}.shuffle_window", "must be >= 0")
@@ -372,7 +376,12 @@ class LearnerConfig:
 class PipelineConfig:
     """The online loop: how sampling, judging and learning are combined."""
 
-    mode: str = opt("online", "'online', 'mixed' (Mixed-DPO) or 'online-bdhs'.")
+    mode: str = opt(
+        "online",
+        "'online', 'mixed' (Mixed-DPO), 'online-bdhs' or 'rloo' (RLOO on LoRA: "
+        "sampler.samples_per_prompt samples scored by judge.kind objects or reward-model, "
+        "leave-one-out baseline, learner.kl_coef).",
+    )
     p_offline: float = opt(0.5, "Mixed-DPO: probability that an example is an offline pair.")
     sync_every: int = opt(1, "Send learner weights to the samplers every k steps.")
     max_staleness: int = opt(1, "Samples may be at most this many weight versions old.")
@@ -384,7 +393,7 @@ class PipelineConfig:
     ray_address: str = opt("", "Ray cluster address; empty = the job's cluster or a new local one.")
 
     def validate(self, p: str) -> None:
-        one_of(self.mode, ("online", "mixed", "online-bdhs"), f"{p}.mode")
+        one_of(self.mode, ("online", "mixed", "online-bdhs", "rloo"), f"{p}.mode")
         check(0.0 <= self.p_offline <= 1.0, f"{p}.p_offline", "must be in [0, 1]")
         for name in ("sync_every", "log_every"):
             check(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1")

@@ -30,6 +30,7 @@ from mmalign.judge import (
     failed_verdict,
     judge_pairs,
     object_judge,
+    object_score,
     score_verdict,
     verdict_dict,
 )
@@ -209,6 +210,33 @@ class JudgeEngine:
             for (i, _), verdict in zip(chunk, judge_chunk([p for _, p in chunk])):
                 verdicts[i] = verdict
         return [verdict_dict(v) for v in verdicts if v is not None]
+
+    def score(self, rows: Sequence[Mapping[str, Any]]) -> list[float]:
+        """A scalar reward per row's `response` (the RL baselines' reward role): the object
+        score (`mmalign.judge.object_score`, kind objects: needs `objects`) or the reward
+        model's (kind reward-model). A generative judge only compares pairs: ValueError."""
+        if self.kind == "objects":
+            assert self.vocab is not None
+            out = []
+            for row in rows:
+                objects = [o["name"] if isinstance(o, Mapping) else str(o) for o in row["objects"]]
+                question = str(row.get("question") or "")
+                out.append(object_score(row["response"], objects, self.vocab, question))
+            return out
+        if self.kind == "reward-model":
+            items = [
+                {"image": decode_image(dict(_first_image(r))), "prompt": r["question"],
+                 "response": r["response"]}
+                for r in rows
+            ]  # fmt: skip
+            scores: list[float] = []
+            for start in range(0, len(items), self.batch_size):
+                chunk = items[start : start + self.batch_size]
+                scores += [float(x) for x in self.reward_model.score(chunk, "response")]
+            return scores
+        raise ValueError(
+            "judge.kind 'vlm' compares pairs; scoring needs 'objects' or 'reward-model'"
+        )
 
     def _judge_objects(self, row: Mapping[str, Any]) -> Verdict:
         assert self.vocab is not None
