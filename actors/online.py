@@ -189,14 +189,18 @@ class JudgeActor:
 class LearnerActor:
     """Preference learner; writes its own checkpoints so weights never pass the driver."""
 
-    def __init__(self, model: str, learner: LearnerConfig, dtype: str, run_name: str = "") -> None:
+    def __init__(
+        self, model: str, learner: LearnerConfig, dtype: str, run_name: str = "", algo: str = ""
+    ) -> None:
         _threads()
-        from mmalign.engines.rl_learner import RLOOLearner
+        from mmalign.engines.rl_learner import PPOLearner, RLOOLearner
         from mmalign.models.loading import load_model
 
         device = "cuda" if learner.use_gpu else "cpu"
         base, processor = load_model(model, dtype, device)
-        self.learner = RLOOLearner(base, processor, learner)  # a PreferenceLearner + RLOO
+        # PPO adds a value head to the learner's state; the others are PreferenceLearners
+        cls = PPOLearner if algo == "ppo" else RLOOLearner
+        self.learner = cls(base, processor, learner)
         self.processor = processor
         self.timer = _timer("learner", run_name)
 
@@ -205,9 +209,14 @@ class LearnerActor:
         two-rejected loss)."""
         resolved = resolve_pairs(rows)  # online pairs carry RowRefs, not image bytes
         with self.timer.work():
-            if resolved and "samples" in resolved[0]:  # mode rloo: rewards come normalised
-                kl = self.learner.settings.kl_coef
-                return self.learner.rloo_step(resolved, 0.0, 1.0, kl)
+            if resolved and "samples" in resolved[0]:  # rloo / ppo: rewards come normalised
+                s = self.learner.settings
+                if resolved[0].get("algo") == "ppo":
+                    return self.learner.ppo_step(  # type: ignore[attr-defined]
+                        resolved, s.kl_coef, s.ppo_clip, s.ppo_clip, s.ppo_vf_coef,
+                        s.ppo_gamma, s.ppo_lambda, s.ppo_epochs,
+                    )  # fmt: skip
+                return self.learner.rloo_step(resolved, 0.0, 1.0, s.kl_coef)
             return self.learner.step(resolved)
 
     def adapter_state(self) -> dict[str, Any]:

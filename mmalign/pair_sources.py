@@ -167,7 +167,7 @@ Scorer = Callable[[list[Any], list[str]], list[float]]
 
 
 class RLOOSource(OnlineSource):
-    """Mode rloo ([ALIGN] App. A): `batch_size` prompts a step, k samples each (temperature
+    """Modes rloo and ppo ([ALIGN] App. A): `batch_size` prompts a step, k samples each (temperature
     `sampler.temperature`); the reward role scores every sample alone (`judge.kind`
     objects or reward-model) and each prompt becomes one RLOO row {samples, rewards}.
 
@@ -175,9 +175,11 @@ class RLOOSource(OnlineSource):
     scores (the initial policy's samples, before any update), and kept for the run; a
     resumed run computes them again on its first step."""
 
-    def __init__(self, prompts: Prompts, score: Scorer, batch_size: int, seed: int) -> None:
+    def __init__(
+        self, prompts: Prompts, score: Scorer, batch_size: int, seed: int, algo: str = "rloo"
+    ) -> None:
         super().__init__(prompts, lambda refs, both: [], batch_size, seed)
-        self.score = score
+        self.score, self.algo = score, algo  # algo: "rloo" or "ppo", the learner's update
         self.stats: tuple[float, float] | None = None
 
     def pairs(self, done: Done, step: int) -> tuple[list[Row], dict[str, Any]]:
@@ -205,6 +207,7 @@ class RLOOSource(OnlineSource):
                     "raw_rewards": scores,
                     "source": "online",
                     "version": version,
+                    "algo": self.algo,
                 }
             )
         counts = {

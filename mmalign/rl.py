@@ -179,10 +179,3 @@ def ppo_value_loss(
     clipped = old + torch.clamp(values - old, -clip_value, clip_value)
     worst = torch.maximum((values - ret).square(), (clipped - ret).square())
     return 0.5 * masked_mean(worst, mask)
-
-
-def warmup_constant(step: int, warmup_steps: int) -> float:
-    """Learning-rate factor: linear warm-up over `warmup_steps`, then constant 1."""
-    if warmup_steps <= 0:
-        return 1.0
-    return min(1.0, (step + 1) / warmup_steps)

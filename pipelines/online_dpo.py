@@ -81,9 +81,9 @@ def check_config(cfg: Config) -> None:
             "learner.loss: mode 'online-bdhs' trains the two-rejected loss and needs a pair "
             "loss (dpo, ipo, slic), got 'mdpo'"
         )
-    if mode == "rloo" and cfg.judge.kind == "vlm":
+    if mode in ("rloo", "ppo") and cfg.judge.kind == "vlm":
         raise ConfigError(
-            "judge.kind: mode 'rloo' scores each sample alone; use 'objects' or 'reward-model'"
+            f"judge.kind: mode {mode!r} scores each sample alone; use 'objects' or 'reward-model'"
         )
     if mode != "online-bdhs" and cfg.sampler.samples_per_prompt < 2:
         raise ConfigError("sampler.samples_per_prompt: the judge needs at least 2 samples")
@@ -250,7 +250,8 @@ def start(cfg: Config) -> tuple[Roles, PairSource]:
     offline = load_offline(cfg)
     opts = role_options(cfg)  # CPUs, GPUs + node-type labels per role
     judge = None if bdhs_mode else JudgeActor.options(**opts["judge"]).remote(cfg.judge, cfg.name)
-    learner = LearnerActor.options(**opts["learner"]).remote(S.model, L, S.dtype, cfg.name)
+    algo = cfg.pipeline.mode if cfg.pipeline.mode == "ppo" else ""  # PPO: a value head
+    learner = LearnerActor.options(**opts["learner"]).remote(S.model, L, S.dtype, cfg.name, algo)
     source = pair_source(cfg, prompts, offline, judge)
     bdhs = cfg.bdhs if bdhs_mode else None
     pool = SamplerPool(S, L, bdhs, cfg.name, opts["sampler"], learner, source.method)
@@ -271,12 +272,12 @@ def pair_source(cfg: Config, prompts: Any, offline: list[dict[str, Any]], judge:
     def judge_refs(refs: list[Any], both: list[list[str]]) -> list[dict[str, Any]]:
         return ray.get(judge.judge_refs.remote(refs, both))
 
-    if cfg.pipeline.mode == "rloo":
+    if cfg.pipeline.mode in ("rloo", "ppo"):
 
         def score_refs(refs: list[Any], texts: list[str]) -> list[float]:
             return ray.get(judge.score_refs.remote(refs, texts))
 
-        return RLOOSource(prompts, score_refs, L.batch_size, S.seed)
+        return RLOOSource(prompts, score_refs, L.batch_size, S.seed, algo=cfg.pipeline.mode)
     if cfg.pipeline.mode == "mixed":
         return MixedSource(
             prompts, judge_refs, L.batch_size, S.seed, offline, cfg.pipeline.p_offline

@@ -323,8 +323,13 @@ class LearnerConfig:
     warmup_steps: int = opt(0, "Linear warm-up steps.")
     steps: int = opt(100, "Optimizer steps to run.")
     kl_coef: float = opt(
-        0.05, "RLOO: weight of the sequence KL to the reference subtracted from each reward."
+        0.05, "RLOO / PPO: weight of the KL to the reference subtracted from the reward."
     )
+    ppo_clip: float = opt(0.2, "PPO: clip range of the probability ratio (and of the values).")
+    ppo_vf_coef: float = opt(0.5, "PPO: weight of the value loss.")
+    ppo_gamma: float = opt(1.0, "PPO: discount over response tokens.")
+    ppo_lambda: float = opt(0.95, "PPO: GAE lambda.")
+    ppo_epochs: int = opt(1, "PPO: updates on each batch of samples.")
     num_workers: int = opt(1, "Data-parallel learner workers (Ray Train).")
     max_failures: int = opt(
         3,
@@ -366,6 +371,17 @@ class LearnerConfig:
         check(self.warmup_steps >= 0, f"{p}.warmup_steps", "must be >= 0")
         check(self.max_grad_norm >= 0, f"{p}.max_grad_norm", "must be >= 0")
         check(self.kl_coef >= 0, f"{p}.kl_coef", "must be >= 0")
+        check(
+            self.ppo_clip > 0 and self.ppo_vf_coef >= 0,
+            f"{p}.ppo_clip",
+            "ppo_clip > 0, ppo_vf_coef >= 0",
+        )
+        check(
+            0 <= self.ppo_gamma <= 1 and 0 <= self.ppo_lambda <= 1,
+            f"{p}.ppo_gamma",
+            "ppo_gamma, ppo_lambda in [0, 1]",
+        )
+        check(self.ppo_epochs >= 1, f"{p}.ppo_epochs", "must be >= 1")
         check(self.weight_decay >= 0, f"{p}.weight_decay", "must be >= 0")
         check(self.max_response_tokens >= 0, f"{p}.max_response_tokens", "must be >= 0")
         check(self.shuffle_window >= 0, f"{p}.shuffle_window", "must be >= 0")
@@ -378,9 +394,10 @@ class PipelineConfig:
 
     mode: str = opt(
         "online",
-        "'online', 'mixed' (Mixed-DPO), 'online-bdhs' or 'rloo' (RLOO on LoRA: "
+        "'online', 'mixed' (Mixed-DPO), 'online-bdhs', 'rloo' (RLOO on LoRA: "
         "sampler.samples_per_prompt samples scored by judge.kind objects or reward-model, "
-        "leave-one-out baseline, learner.kl_coef).",
+        "leave-one-out baseline, learner.kl_coef) or 'ppo' (the same samples and rewards; "
+        "value head, GAE, clipped objective: learner.ppo_*).",
     )
     p_offline: float = opt(0.5, "Mixed-DPO: probability that an example is an offline pair.")
     sync_every: int = opt(1, "Send learner weights to the samplers every k steps.")
@@ -393,7 +410,7 @@ class PipelineConfig:
     ray_address: str = opt("", "Ray cluster address; empty = the job's cluster or a new local one.")
 
     def validate(self, p: str) -> None:
-        one_of(self.mode, ("online", "mixed", "online-bdhs", "rloo"), f"{p}.mode")
+        one_of(self.mode, ("online", "mixed", "online-bdhs", "rloo", "ppo"), f"{p}.mode")
         check(0.0 <= self.p_offline <= 1.0, f"{p}.p_offline", "must be in [0, 1]")
         for name in ("sync_every", "log_every"):
             check(getattr(self, name) >= 1, f"{p}.{name}", "must be >= 1")

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmalign import config
 from mmalign.config import ConfigError
@@ -47,7 +48,7 @@ def test_rloo_needs_a_scoring_judge() -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_rloo_loop_trains_logs_rewards_and_resumes(tmp_path: Path) -> None:
+def test_rloo_and_ppo_loops_train_log_rewards_and_resume(tmp_path: Path) -> None:
     import ray
 
     from actors.runtime import init_ray
@@ -65,8 +66,19 @@ def test_rloo_loop_trains_logs_rewards_and_resumes(tmp_path: Path) -> None:
         shutil.rmtree(out / "checkpoints" / "step_000003")
         (out / "pairs" / "step-000002.jsonl").unlink()
         again = run(_cfg(out, 3, **{"storage.resume": "true"}))
+        # mode ppo: the same samples and rewards, a value head in the learner's checkpoints
+        ppo_out = tmp_path / "ppo"
+        ppo = run(_cfg(ppo_out, 2, **{"pipeline.mode": "ppo", "learner.ppo_epochs": "2"}))
+        shutil.rmtree(ppo_out / "checkpoints" / "step_000002")
+        ppo_again = run(_cfg(ppo_out, 2, **{"pipeline.mode": "ppo", "learner.ppo_epochs": "2",
+                                             "storage.resume": "true"}))  # fmt: skip
     finally:
         ray.shutdown()
+    assert ppo["steps"] == 2 and ppo_again["loop"]["steps"] == 1  # resumed after step 1
+    state = torch.load(
+        ppo_out / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False
+    )
+    assert any(k.startswith("value_head.") for k in state["trainable"])
     assert again["steps"] == 3 and again["totals"]["samples"] == 3 * 3 * 4
     logs = sorted((out / "pairs").glob("step-*.jsonl"))
     assert [p.name for p in logs] == [f"step-{i:06d}.jsonl" for i in range(3)]

@@ -110,8 +110,3 @@ def test_ppo_value_loss_and_whitening() -> None:
     assert math.isclose(float(loss), 1.06)
     w = rl.whiten(t(1.0, 3.0, 100.0), t(1.0, 1.0, 0.0))
     assert torch.allclose(w, t(-1.0, 1.0, 0.0), atol=1e-6)  # padding left out and zeroed
-
-
-def test_constant_lr_with_warmup() -> None:
-    assert [rl.warmup_constant(s, 4) for s in (0, 1, 3, 10)] == [0.25, 0.5, 1.0, 1.0]
-    assert rl.warmup_constant(0, 0) == 1.0
