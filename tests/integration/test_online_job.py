@@ -2,6 +2,7 @@
 
 Checks: the job succeeds, checkpoints / pair logs / summary exist, the pipeline's custom
 metrics appear at the node's Prometheus endpoint, and rerunning resumes from the checkpoint.
+Then mode rloo as a job whose driver is killed mid-run (`ray job stop`) and resubmitted.
 """
 
 from __future__ import annotations
@@ -168,6 +169,42 @@ def test_ray_job_submit_online_dpo_on_cpu(tmp_path: Path) -> None:
         )
         assert again.returncode == 0, again.stdout[-3000:]
         assert "resumed from" in again.stdout and "at step 4" in again.stdout
+
+        # mode rloo (the RLHF baseline) as a job: its driver killed (`ray job stop`) after
+        # the step-2 checkpoint, the same command resumes there and completes the run
+        rloo_out = tmp_path / "rloo"
+        rloo_args = [
+            "--config", "pipelines/configs/shapes-cpu.yaml", "--sampler.model", _policy(tmp_path),
+            "--pipeline.mode", "rloo", "--sampler.samples_per_prompt", "4",
+            "--learner.steps", "12", "--learner.batch_size", "3", "--sampler.max_new_tokens", "16",
+            "--storage.checkpoint_every", "1", "--storage.output_dir", str(rloo_out),
+            "--pipeline.eval_rows", "0", "--name", "rlootest",
+        ]  # fmt: skip
+        submit = ["ray", "job", "submit", "--address", address, "--working-dir", "."]
+        run_rloo = ["python", "pipelines/online_dpo.py", *rloo_args]
+        first = subprocess.run(
+            [*submit, "--submission-id", "rloo-1", "--no-wait", "--", *run_rloo],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+        deadline = time.time() + 300
+        while not (rloo_out / "checkpoints" / "step_000002" / "trainer_state.pt").exists():
+            assert time.time() < deadline, "no step-2 checkpoint"
+            time.sleep(0.2)
+        stop = ["ray", "job", "stop", "--address", address, "rloo-1"]
+        subprocess.run(stop, env=env, capture_output=True, text=True, timeout=120, check=True)
+        assert not (rloo_out / "summary.json").exists()  # killed before the end
+        resumed = subprocess.run(
+            [*submit, "--submission-id", "rloo-2", "--", *run_rloo],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert resumed.returncode == 0, resumed.stdout[-3000:]
+        assert "resumed from" in resumed.stdout, resumed.stdout[-3000:]
+        rloo = json.loads((rloo_out / "summary.json").read_text())
+        assert rloo["mode"] == "rloo" and rloo["steps"] == 12
+        assert rloo["loop"]["steps"] < 12  # the rerun did not start over
+        logs = sorted((rloo_out / "pairs").glob("step-*.jsonl"))
+        assert [p.name for p in logs] == [f"step-{i:06d}.jsonl" for i in range(12)]
     finally:
         _stop_cluster(str(temp), gcs)
         shutil.rmtree(temp, ignore_errors=True)
