@@ -34,6 +34,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+_STARTED = time.perf_counter()  # metrics.json "seconds": startup = imports and parsing
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` anywhere
 
 from mmalign import io, storage  # noqa: E402
@@ -248,6 +250,7 @@ def run(cfg: Config, evaluate: bool = True) -> dict[str, Any]:
     for uri in (out, checkpoints, cfg.data.offline_pairs):
         storage.check_bucket(uri)
     resume_from = _resume_from(cfg, checkpoints)
+    t_ray = time.perf_counter()
     init_ray(cfg.pipeline.ray_address)
     quiet_data_context()
     import ray.data
@@ -288,7 +291,10 @@ def run(cfg: Config, evaluate: bool = True) -> dict[str, Any]:
         "checkpoint": storage.join(checkpoints, last) if last else "",
         "merged_model": merged,
         "rows": {"trained_on": good, "quarantined": len(bad)},
-        "seconds": {"data_check": t1 - t0, "train": t2 - t1},
+        "seconds": {
+            **{"startup": t_ray - _STARTED, "ray_start": t0 - t_ray},
+            **{"data_check": t1 - t0, "train": t2 - t1},
+        },
         "evaluation": None,
         "config": to_dict(cfg),
     }
