@@ -314,4 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # Through the module, not __main__: Ray pickles __main__'s functions by value, and the
+    # Ray Data stage's lru_cache'd `_text_context` then fails to unpickle in its workers.
+    from pipelines.offline_dpo import main as _main
+
+    _main(sys.argv[1:])
