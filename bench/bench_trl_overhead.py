@@ -2,6 +2,9 @@
 
     bash scripts/setup.sh dev && bash scripts/setup_trl.sh
     .venv/bin/python bench/bench_trl_overhead.py --repeats 3 --out runs/bench-trl/result.json
+    # against an older commit, interleaved:
+    git archive <commit> | tar -x -C /tmp/before && .venv/bin/python bench/bench_trl_overhead.py \
+        --baseline-root /tmp/before --sides before,mmalign,trl
 
 Pairs: `pipelines/bdhs.py` on the shipped tiny policy (assets/models/shapes-llava-small),
 cut to the first `--pairs` rows into one Parquet (our Parquet is TRL's vision layout, so
@@ -71,7 +74,9 @@ def _phases_line(text: str) -> dict[str, float]:
     return json.loads(found[-1]) if found else {}
 
 
-def run_mmalign(pairs: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
+def run_mmalign(
+    pairs: Path, work: Path, a: argparse.Namespace, root: Path = ROOT
+) -> dict[str, Any]:
     out = work / "mmalign-run"
     shutil.rmtree(out, ignore_errors=True)
     argv = [a.python, "pipelines/offline_dpo.py", "--data.offline_pairs", str(pairs)]
@@ -83,7 +88,7 @@ def run_mmalign(pairs: Path, work: Path, a: argparse.Namespace) -> dict[str, Any
     for key, value in SETTINGS.items():
         argv += [f"--learner.{key}", str(value)]
     t0 = time.time()
-    proc = subprocess.run(argv, cwd=ROOT, env=_env(a.threads), capture_output=True, text=True)
+    proc = subprocess.run(argv, cwd=root, env=_env(a.threads), capture_output=True, text=True)
     wall = time.time() - t0
     if proc.returncode:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
@@ -220,10 +225,16 @@ def main() -> None:
     p.add_argument("--checkpoint-every", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--sides", default="mmalign,trl")
+    p.add_argument("--sides", default="mmalign,trl", help="of mmalign, trl, before")
     p.add_argument("--work", default="runs/bench-trl")
     p.add_argument("--out", default="runs/bench-trl/result.json")
     p.add_argument("--python", default=sys.executable, help="mmalign's env")
+    p.add_argument(
+        "--baseline-root",
+        default="",
+        help="another checkout of mmalign (e.g. `git archive <commit>` unpacked): side "
+        "'before' runs its offline_dpo.py, interleaved with the others",
+    )
     p.add_argument("--trl-python", default=str(ROOT / ".venv-trl/bin/python"))
     p.add_argument("--run-trl", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pairs-file", help=argparse.SUPPRESS)
@@ -234,7 +245,10 @@ def main() -> None:
     work = (ROOT / a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     pairs = make_pairs(work, a.pairs, a.python)
-    runners = {"mmalign": run_mmalign, "trl": run_trl_side}
+    runners: dict[str, Any] = {"mmalign": run_mmalign, "trl": run_trl_side}
+    if a.baseline_root:
+        before = Path(a.baseline_root).resolve()
+        runners["before"] = lambda *args: run_mmalign(*args, root=before)
     sides = a.sides.split(",")
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     for i in range(a.repeats):

@@ -180,8 +180,10 @@ def quarantine_entries(
 
 
 def prepare_data(cfg: Config) -> tuple[Any, int, list[dict[str, Any]]]:
-    """(train dataset, good rows, quarantine entries). Reads twice: once here for the
-    quarantine and the counts (ids and errors only reach the driver), then per epoch."""
+    """(train dataset, good rows, quarantine entries). Reads and converts once: the
+    converted rows are materialized (Ray's object store, spilled to disk past its size),
+    the quarantine and the counts come from them (ids and errors only reach the driver),
+    and every epoch trains from them without reading or decoding the data again."""
     import ray.data
 
     uri = cfg.data.offline_pairs
@@ -202,7 +204,7 @@ def prepare_data(cfg: Config) -> tuple[Any, int, list[dict[str, Any]]]:
         model=_absolute(cfg.sampler.model, must_exist=True),
         max_response_tokens=cfg.learner.max_response_tokens,
     )
-    converted = ds.map_batches(convert, batch_format="pyarrow")
+    converted = ds.map_batches(convert, batch_format="pyarrow").materialize()
     info = converted.select_columns(["id", ERROR_COLUMN, "responses"]).take_all()
     duplicates = duplicate_entries(info, uri)
     drop = frozenset(d["id"] for d in duplicates)
