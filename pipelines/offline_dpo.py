@@ -143,7 +143,7 @@ def keep_good(table: pa.Table, k: int, drop_ids: frozenset[str] = frozenset()) -
 
 def duplicate_entries(info: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
     """{id, reason, source} for every good row whose id another good row has. All of them
-    go: the training pass re-reads the data batch by batch, so it cannot tell the first."""
+    go: the training pass filters the rows batch by batch, so it cannot tell the first."""
     counts = Counter(r["id"] for r in info if not r[ERROR_COLUMN])
     return [
         {
