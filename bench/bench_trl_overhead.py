@@ -18,6 +18,8 @@ dropout; a checkpoint every `--checkpoint-every` steps; then the merged model sa
 offline_dpo.py does). Both run on `--threads` torch threads (OMP_NUM_THREADS for every
 process of the run). Wall clock is the subprocess's, start to exit. Per-step time: the
 training loop's time per optimizer step (batch building included), checkpoints left out.
+`cpu_s`: CPU seconds of the run's process tree (the processes it waited for, e.g. Ray's
+workers through the raylet), less sensitive than wall clock to a shared machine's load.
 offline_dpo.py's phases come from its metrics.json (`seconds`) and the learner worker's
 `learner phases:` line; TRL's from a callback.
 """
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -69,6 +72,12 @@ def make_pairs(work: Path, n: int, python: str) -> Path:
     return pairs
 
 
+def _cpu() -> float:
+    """CPU seconds (user + sys) of the finished children, and theirs, so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _phases_line(text: str) -> dict[str, float]:
     found = re.findall(r"learner phases: (\{.*\})", text)
     return json.loads(found[-1]) if found else {}
@@ -87,7 +96,7 @@ def run_mmalign(
     argv += ["--learner.schedule", "cosine", "--learner.warmup_steps", "0"]
     for key, value in SETTINGS.items():
         argv += [f"--learner.{key}", str(value)]
-    t0 = time.time()
+    t0, cpu0 = time.time(), _cpu()
     proc = subprocess.run(argv, cwd=root, env=_env(a.threads), capture_output=True, text=True)
     wall = time.time() - t0
     if proc.returncode:
@@ -109,7 +118,8 @@ def run_mmalign(
         "merge": worker.get("merge", 0.0),
     }
     phases["other"] = wall - sum(v for v in phases.values() if v == v)
-    return {"wall_s": wall, "step_s": steps / a.steps, "phases": phases}
+    cpu = _cpu() - cpu0
+    return {"wall_s": wall, "cpu_s": cpu, "step_s": steps / a.steps, "phases": phases}
 
 
 def run_trl_side(pairs: Path, work: Path, a: argparse.Namespace) -> dict[str, Any]:
@@ -118,7 +128,7 @@ def run_trl_side(pairs: Path, work: Path, a: argparse.Namespace) -> dict[str, An
     argv = [a.trl_python, __file__, "--run-trl", "--pairs-file", str(pairs)]
     argv += ["--trl-out", str(out), "--steps", str(a.steps), "--batch-size", str(a.batch_size)]
     argv += ["--checkpoint-every", str(a.checkpoint_every), "--threads", str(a.threads)]
-    t0 = time.time()
+    t0, cpu0 = time.time(), _cpu()
     proc = subprocess.run(argv, cwd=ROOT, env=_env(a.threads), capture_output=True, text=True)
     wall = time.time() - t0
     if proc.returncode:
@@ -126,7 +136,8 @@ def run_trl_side(pairs: Path, work: Path, a: argparse.Namespace) -> dict[str, An
         raise SystemExit(f"TRL run exited {proc.returncode}")
     phases = json.loads((out / "phases.json").read_text())
     phases["startup_and_exit"] = wall - sum(phases.values())
-    return {"wall_s": wall, "step_s": phases["steps"] / a.steps, "phases": phases}
+    cpu = _cpu() - cpu0
+    return {"wall_s": wall, "cpu_s": cpu, "step_s": phases["steps"] / a.steps, "phases": phases}
 
 
 def trl_main(a: argparse.Namespace) -> None:
@@ -213,8 +224,10 @@ def trl_main(a: argparse.Namespace) -> None:
     (Path(a.trl_out) / "phases.json").write_text(json.dumps(phases))
 
 
-def _spread(values: list[float]) -> str:
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+def _spread(values: list[float], digits: int = 1) -> str:
+    """median (min-max)"""
+    m, lo, hi = statistics.median(values), min(values), max(values)
+    return f"{m:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
 
 
 def main() -> None:
@@ -256,10 +269,11 @@ def main() -> None:
             r = runners[side](pairs, work, a)
             runs[side].append(r)
             print(f"repeat {i + 1} {side}: {json.dumps(r)}", flush=True)
-    print(f"\n{'side':8} {'end to end s':>18} {'s/step':>18}")
+    print(f"\n{'side':8} {'end to end s':>18} {'CPU s':>18} {'s/step':>18}")
     for side, rs in runs.items():
-        wall, step = [r["wall_s"] for r in rs], [r["step_s"] for r in rs]
-        print(f"{side:8} {_spread(wall):>18} {_spread(step):>18}")
+        wall, cpu = [r["wall_s"] for r in rs], [r["cpu_s"] for r in rs]
+        step = [r["step_s"] for r in rs]
+        print(f"{side:8} {_spread(wall):>18} {_spread(cpu):>18} {_spread(step, 2):>18}")
         for phase in rs[0]["phases"]:
             print(f"  {phase:18} {_spread([r['phases'][phase] for r in rs]):>18}")
     setup = {k: v for k, v in vars(a).items() if k not in ("run_trl", "pairs_file", "trl_out")}
