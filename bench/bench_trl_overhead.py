@@ -18,8 +18,9 @@ dropout; a checkpoint every `--checkpoint-every` steps; then the merged model sa
 offline_dpo.py does). Both run on `--threads` torch threads (OMP_NUM_THREADS for every
 process of the run). Wall clock is the subprocess's, start to exit. Per-step time: the
 training loop's time per optimizer step (batch building included), checkpoints left out.
-`cpu_s`: CPU seconds of the run's process tree (the processes it waited for, e.g. Ray's
-workers through the raylet), less sensitive than wall clock to a shared machine's load.
+`cpu_s`: CPU seconds of the finished processes the run waited for: all of TRL's run (one
+process), but for offline_dpo.py only the driver (Ray's workers are not reaped through it),
+so it compares TRL's CPU time with its wall clock on a loaded machine, not the two sides.
 offline_dpo.py's phases come from its metrics.json (`seconds`) and the learner worker's
 `learner phases:` line; TRL's from a callback.
 """
