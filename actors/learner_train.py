@@ -32,6 +32,7 @@ trained twice across a restart changes both.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -197,6 +198,40 @@ def _shard_rows(shard: Any) -> Iterator[dict[str, Any]]:
         yield from table.to_pylist()
 
 
+class Phases:
+    """Seconds a worker spends per phase (build, data_wait, first_batch, steps, checkpoint,
+    merge), logged once at the end as `learner phases: {json}` (bench_trl_overhead.py)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def time(self, phase: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(phase, time.perf_counter() - t)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+
+    def timed(self, items: Iterator[Any], phase: str, first: str) -> Iterator[Any]:
+        """`items`, the wait for each counted in `phase` (the first one's in `first`)."""
+        name = first
+        while True:
+            t = time.perf_counter()
+            item = next(items, _END)
+            self.add(name, time.perf_counter() - t)
+            if item is _END:
+                return
+            name = phase
+            yield item
+
+
+_END = object()
+
+
 def _checkpoint(
     learner: PreferenceLearner,
     state: LoopState,
@@ -288,13 +323,16 @@ class _Worker:
         self.micro: list[dict[str, float]] = []  # micro-steps of the pending optimizer step
         self.interval: list[dict[str, float]] = []  # optimizer steps since the last report
         self.t_last, self.pairs_last = time.perf_counter(), state.pairs_seen
+        self.phases = Phases()
 
     def train_epoch(self, shard: Any) -> None:
         """One pass over the shard, skipping the micro-batches trained on before a resume."""
         s, n = self.state, 0
         seed = epoch_seed(self.cfg.learner.seed, s.epoch, self.rank)
         rows = window_shuffle(_shard_rows(shard), self.cfg.shuffle_window, seed)
-        for n, batch in enumerate(micro_batches(rows, self.local_bs), 1):
+        first = "data_wait" if self.phases.seconds.get("first_batch") else "first_batch"
+        batches = self.phases.timed(micro_batches(rows, self.local_bs), "data_wait", first)
+        for n, batch in enumerate(batches, 1):
             if n > s.batches_in_epoch:
                 self._micro_step(batch, n)
             if s.step >= self.target:
@@ -309,7 +347,8 @@ class _Worker:
 
     def _micro_step(self, batch: list[dict[str, Any]], n: int) -> None:
         s = self.state
-        self.micro.append(self.learner.step(batch))
+        with self.phases.time("steps"):
+            self.micro.append(self.learner.step(batch))
         self.seen.add(s.epoch, batch)
         s.batches_in_epoch = n
         s.pairs_seen += self.local_bs * s.world_size
@@ -340,7 +379,8 @@ class _Worker:
         )
         if self.scalars is not None:
             self.scalars.sync()
-        _checkpoint(self.learner, s, self.seen, self.rank, report)
+        with self.phases.time("checkpoint"):
+            _checkpoint(self.learner, s, self.seen, self.rank, report)
         self.interval, self.t_last, self.pairs_last = [], time.perf_counter(), s.pairs_seen
 
     def close(self) -> None:
@@ -356,16 +396,20 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg: TrainLoopConfig = config["loop"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    t = time.perf_counter()
     learner = _build(cfg, rank)
     state, seen = _restore(cfg, learner, rank, world)
     learner.broadcast_trainable()
     worker = _Worker(cfg, learner, state, seen, rank)
+    worker.phases.add("build", time.perf_counter() - t)
     shard = ray.train.get_dataset_shard("train")
     while state.step < worker.target:
         worker.train_epoch(shard)
     worker.close()
     if rank == 0 and cfg.export_dir and worker.target >= cfg.learner.steps:
-        checkpoint.export_merged(learner, cfg.export_dir, in_place=True)  # training is over
+        with worker.phases.time("merge"):
+            checkpoint.export_merged(learner, cfg.export_dir, in_place=True)  # training is over
+    print(f"learner phases: {json.dumps(worker.phases.seconds)}", flush=True)
 
 
 # ------------------------------------------------------------------ driver side

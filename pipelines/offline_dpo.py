@@ -34,6 +34,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+_STARTED = time.perf_counter()  # metrics.json "seconds": startup = imports and parsing
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipelines/x.py` anywhere
 
 from mmalign import io, storage  # noqa: E402
@@ -141,7 +143,7 @@ def keep_good(table: pa.Table, k: int, drop_ids: frozenset[str] = frozenset()) -
 
 def duplicate_entries(info: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
     """{id, reason, source} for every good row whose id another good row has. All of them
-    go: the training pass re-reads the data batch by batch, so it cannot tell the first."""
+    go: the training pass filters the rows batch by batch, so it cannot tell the first."""
     counts = Counter(r["id"] for r in info if not r[ERROR_COLUMN])
     return [
         {
@@ -178,8 +180,10 @@ def quarantine_entries(
 
 
 def prepare_data(cfg: Config) -> tuple[Any, int, list[dict[str, Any]]]:
-    """(train dataset, good rows, quarantine entries). Reads twice: once here for the
-    quarantine and the counts (ids and errors only reach the driver), then per epoch."""
+    """(train dataset, good rows, quarantine entries). Reads and converts once: the
+    converted rows are materialized (Ray's object store, spilled to disk past its size),
+    the quarantine and the counts come from them (ids and errors only reach the driver),
+    and every epoch trains from them without reading or decoding the data again."""
     import ray.data
 
     uri = cfg.data.offline_pairs
@@ -200,7 +204,7 @@ def prepare_data(cfg: Config) -> tuple[Any, int, list[dict[str, Any]]]:
         model=_absolute(cfg.sampler.model, must_exist=True),
         max_response_tokens=cfg.learner.max_response_tokens,
     )
-    converted = ds.map_batches(convert, batch_format="pyarrow")
+    converted = ds.map_batches(convert, batch_format="pyarrow").materialize()
     info = converted.select_columns(["id", ERROR_COLUMN, "responses"]).take_all()
     duplicates = duplicate_entries(info, uri)
     drop = frozenset(d["id"] for d in duplicates)
@@ -249,6 +253,7 @@ def run(cfg: Config, evaluate: bool = True) -> dict[str, Any]:
     for uri in (out, checkpoints, cfg.data.offline_pairs):
         storage.check_bucket(uri)
     resume_from = _resume_from(cfg, checkpoints)
+    t_ray = time.perf_counter()
     init_ray(cfg.pipeline.ray_address)
     quiet_data_context()
     import ray.data
@@ -289,7 +294,10 @@ def run(cfg: Config, evaluate: bool = True) -> dict[str, Any]:
         "checkpoint": storage.join(checkpoints, last) if last else "",
         "merged_model": merged,
         "rows": {"trained_on": good, "quarantined": len(bad)},
-        "seconds": {"data_check": t1 - t0, "train": t2 - t1},
+        "seconds": {
+            **{"startup": t_ray - _STARTED, "ray_start": t0 - t_ray},
+            **{"data_check": t1 - t0, "train": t2 - t1},
+        },
         "evaluation": None,
         "config": to_dict(cfg),
     }
@@ -309,4 +317,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # Through the module, not __main__: Ray pickles __main__'s functions by value, and the
+    # Ray Data stage's lru_cache'd `_text_context` then fails to unpickle in its workers.
+    from pipelines.offline_dpo import main as _main
+
+    _main(sys.argv[1:])

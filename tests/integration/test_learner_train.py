@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from actors.learner_train import TrainLoopConfig, learner_settings, make_trainer
+from actors.learner_train import Phases, TrainLoopConfig, learner_settings, make_trainer
 from mmalign.config import LearnerConfig
 from mmalign.engines.checkpoint import latest_checkpoint
 from mmalign.engines.distributed_learner import (
@@ -48,6 +48,16 @@ def test_micro_batches_drop_the_short_tail_on_cpu() -> None:
     assert local_batch_size(8, 2) == 4
     with pytest.raises(ValueError, match=r"learner.batch_size \(6\).*num_workers \(4\)"):
         local_batch_size(6, 4)
+
+
+def test_phases_time_the_first_wait_apart_on_cpu() -> None:
+    phases = Phases()
+    assert list(phases.timed(iter([1, 2, 3]), "data_wait", "first_batch")) == [1, 2, 3]
+    assert set(phases.seconds) == {"first_batch", "data_wait"}
+    assert list(phases.timed(iter([]), "data_wait", "first_batch")) == []
+    with phases.time("steps"):
+        pass
+    assert all(v >= 0 for v in phases.seconds.values()) and "steps" in phases.seconds
 
 
 def test_latest_checkpoint_needs_trainer_state_on_cpu(tmp_path: Path) -> None:
@@ -406,6 +416,7 @@ def test_offline_dpo_pipeline_to_s3_on_cpu(
     assert reasons["bad-bytes"].startswith("images: unreadable image")
     assert reasons["bad-path"].startswith("images: cannot read")
     assert metrics["rows"] == {"trained_on": 6, "quarantined": 3}
+    assert set(metrics["seconds"]) == {"startup", "ray_start", "data_check", "train"}
     assert metrics["final"]["step"] == 2
     assert metrics["checkpoint"] == f"{out}/checkpoints/step_000002"
     assert json.loads(storage.read_bytes(f"{out}/metrics.json"))["final"] == metrics["final"]
