@@ -191,22 +191,28 @@ def rank(scores: Sequence[CheckScore]) -> list[int]:
 
 def agreeing_levels(keys: Sequence[tuple[float, float]]) -> list[int]:
     """The longest subsequence of claimed levels whose keys never increase (the check agrees
-    with the claimed order on every pair in it); the earliest such subsequence on ties.
-    O(K^2), K is a handful."""
+    with the claimed order on every pair in it). Among equally long ones, each step keeps
+    the level the check scores highest (then the earliest): when the check cannot say which
+    of two swapped levels is misplaced, the better-scored one stays. O(K^2), K is small."""
     n = len(keys)
-    if n == 0:
-        return []
     # best[i] = length of the longest agreeing subsequence starting at level i
-    best, nxt = [1] * n, [-1] * n
+    best = [1] * n
     for i in range(n - 1, -1, -1):
         for j in range(i + 1, n):
-            if keys[j] <= keys[i] and best[j] + 1 > best[i]:
-                best[i], nxt[i] = best[j] + 1, j
-    i = max(range(n), key=lambda k: (best[k], -k))
-    out = []
-    while i != -1:
+            if keys[j] <= keys[i]:
+                best[i] = max(best[i], best[j] + 1)
+
+    def pick(cands: list[int]) -> int:
+        return max(cands, key=lambda k: (keys[k], -k))
+
+    out: list[int] = []
+    need = max(best, default=0)
+    cands = [i for i in range(n) if best[i] == need]
+    while cands:
+        i = pick(cands)
         out.append(i)
-        i = nxt[i]
+        need -= 1
+        cands = [j for j in range(i + 1, n) if best[j] == need and keys[j] <= keys[i]]
     return out
 
 
@@ -227,9 +233,7 @@ def check_order(scores: Sequence[CheckScore], policy: str = "reorder") -> OrderC
     return OrderCheck(tuple(scores), out, order)
 
 
-def pairwise_agreement(
-    check_keys: Sequence[Any], true_counts: Sequence[int]
-) -> tuple[float, int]:
+def pairwise_agreement(check_keys: Sequence[Any], true_counts: Sequence[int]) -> tuple[float, int]:
     """(agreement, pairs) of the check's ranking with true hallucination counts.
 
     Over pairs (i, j) whose true counts differ (ties in truth skipped): 1 when the response
