@@ -177,3 +177,45 @@ def test_autocheck_config_validation_names_the_field_on_cpu() -> None:
     for field, value in [("policy", "shuffle"), ("tau", "2"), ("generic_words", "Image")]:
         with pytest.raises(config.ConfigError, match=rf"autocheck\.{field}"):
             config.load(None, {f"autocheck.{field}": value})
+
+
+def test_accuracy_measure_on_a_hand_made_ladder_on_cpu(nlp: Any, embed: Any) -> None:
+    from mmalign.metrics.vocab import shapes_vocabulary
+    from pipelines.autocheck_accuracy import measure, true_counts
+
+    vocab = shapes_vocabulary()
+    rec = {
+        "reference": "There is a red circle. There is a blue box.",
+        "objects": ["red circle", "blue square"],
+    }
+    ladder = [
+        rec["reference"],
+        "There is a red circle. There is a green triangle.",
+        "",  # a level that produced nothing is left out
+        "There is a yellow cross. There is a green triangle.",
+    ]
+    assert true_counts([r for r in ladder if r], rec["objects"], vocab) == [0, 1, 2]
+    out = measure([rec], [ladder], nlp, embed, vocab)
+    assert out["check"] == out["check_bdhs_only"] == out["claimed_ladder"] == 1.0
+    assert out["pairs"]["check"] == 3 and out["pairs"]["check_bdhs_only"] == 1
+    assert 0.0 <= out["random"] <= 1.0
+    assert out["mean_hallucinations_per_level"] == [0.0, 1.0, None, 2.0]
+
+
+def test_accuracy_script_core_runs_on_two_prompts_on_cpu(nlp: Any, embed: Any) -> None:
+    from pathlib import Path
+
+    from mmalign.engines.hf_generation import HFGenerationEngine
+    from mmalign.metrics.vocab import shapes_vocabulary
+    from pipelines.autocheck_accuracy import Ladder, describe_records, measure
+
+    policy = Path(__file__).resolve().parents[2] / "assets" / "models" / "shapes-llava-small"
+    engine = HFGenerationEngine.from_pretrained(str(policy), dtype="float32", device="cpu")
+    records = describe_records(n_pool=10)[:2]
+    responses, gate_failed = Ladder(engine, embed, (0.5, 1.0), 16, seed=0).responses(records)
+    assert [len(r) for r in responses] == [3, 3] and 0 <= gate_failed <= 4
+    assert all(r[0] == rec["reference"] for r, rec in zip(responses, records, strict=True))
+    out = measure(records, responses, nlp, embed, shapes_vocabulary())
+    for f in ("check", "check_bdhs_only", "claimed_ladder", "random"):
+        assert out[f] is None or 0.0 <= out[f] <= 1.0
+    assert len(out["mean_hallucinations_per_level"]) == 3
