@@ -167,8 +167,10 @@ def run_seed(
     )
     report.update(seed=seed, prompts=n_prompts, gate_failed=gate_failed)
     report["seconds"] = round(time.time() - t0, 1)
-    report["examples"] = [
-        {"objects": r["objects"], "responses": x} for r, x in zip(records[:2], responses[:2])
+    # every ladder, so other rankings can be scored later without sampling again
+    report["ladders"] = [
+        {"id": r["id"], "objects": r["objects"], "responses": x}
+        for r, x in zip(records, responses, strict=True)
     ]
     return report
 
