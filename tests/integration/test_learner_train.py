@@ -443,3 +443,28 @@ def test_offline_dpo_pipeline_to_s3_on_cpu(
 
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         run(parse_args([*argv, "--storage.resume", "false"]), evaluate=False)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_offline_dpo_runs_as_a_script(model_dir: str, tmp_path: Path) -> None:
+    """`python pipelines/offline_dpo.py ...` as a user types it (its own local Ray): once
+    failed in a Ray Data stage that could not unpickle a function of __main__."""
+    import os
+    import subprocess
+    import sys
+
+    pairs, _ = _pairs_parquet(tmp_path)
+    out = tmp_path / "run"
+    root = Path(__file__).resolve().parents[2]
+    cmd = [
+        sys.executable, "pipelines/offline_dpo.py", "--data.offline_pairs", pairs,
+        "--sampler.model", model_dir, "--storage.output_dir", str(out),
+        "--learner.lora_r", "4", "--learner.lora_alpha", "8", "--learner.batch_size", "2",
+        "--learner.steps", "2", "--pipeline.eval_rows", "0",
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": ""}
+    done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final"]["step"] == 2 and metrics["evaluation"] is None
