@@ -48,16 +48,20 @@ class RLOOLearner(PreferenceLearner):
         shaped = rl.normalize_rewards(rewards, reward_mean, reward_std) - kl_coef * kl.cpu()
         advantages = rl.leave_one_out_advantages(shaped).to(policy.device, policy.dtype)
         loss = rl.rloo_loss(policy, advantages).mean()
+        return self._update(
+            loss,
+            reward=float(rl.normalize_rewards(rewards, reward_mean, reward_std).mean()),
+            kl=float(kl.mean()),
+            advantage_abs=float(advantages.abs().mean()),
+        )
+
+    def _update(self, loss: torch.Tensor, **metrics: float) -> dict[str, float]:
+        """Backward of one micro-batch's loss, an optimizer step every `grad_accum` calls;
+        the metrics with loss, lr, stepped and grad_norm (when it stepped)."""
         (loss / self.settings.grad_accum).backward()
         self.micro_step += 1
-        out = {
-            "loss": float(loss.detach()),
-            "reward": float(rl.normalize_rewards(rewards, reward_mean, reward_std).mean()),
-            "kl": float(kl.mean()),
-            "advantage_abs": float(advantages.abs().mean()),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "stepped": 0.0,
-        }
+        out = {"loss": float(loss.detach()), **metrics}
+        out["lr"], out["stepped"] = self.optimizer.param_groups[0]["lr"], 0.0
         if self.micro_step % self.settings.grad_accum == 0:
             out["grad_norm"] = self._optimizer_step()
             out["stepped"] = 1.0
@@ -154,22 +158,14 @@ class PPOLearner(RLOOLearner):
             value_loss = rl.ppo_value_loss(
                 values, old_v.to(lp.dtype), returns.to(lp.dtype), m, clip_value
             )
-            loss = policy.loss + vf_coef * value_loss
-            (loss / self.settings.grad_accum).backward()
-            self.micro_step += 1
-            out = {
-                "loss": float(loss.detach()),
-                "policy_loss": float(policy.loss.detach()),
-                "value_loss": float(value_loss.detach()),
-                "clip_fraction": float(policy.clip_fraction),
-                "kl": float((kl * mask).sum(dim=1).mean()),
-                "reward": float(scores.mean()),
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "stepped": 0.0,
-            }
-            if self.micro_step % self.settings.grad_accum == 0:
-                out["grad_norm"] = self._optimizer_step()
-                out["stepped"] = 1.0
+            out = self._update(
+                policy.loss + vf_coef * value_loss,
+                policy_loss=float(policy.loss.detach()),
+                value_loss=float(value_loss.detach()),
+                clip_fraction=float(policy.clip_fraction),
+                kl=float((kl * mask).sum(dim=1).mean()),
+                reward=float(scores.mean()),
+            )
         return out
 
     def _trainable(self) -> Any:  # the value head trains (and is clipped) with the adapter
