@@ -171,9 +171,9 @@ class RLOOSource(OnlineSource):
     `sampler.temperature`); the reward role scores every sample alone (`judge.kind`
     objects or reward-model) and each prompt becomes one RLOO row {samples, rewards}.
 
-    Rewards are normalised with statistics computed once, on the first step this source
-    scores (the initial policy's samples, before any update), and kept for the run; a
-    resumed run computes them again on its first step."""
+    Rewards are normalised with statistics computed once, on the first step of the run
+    (the initial policy's samples, before any update), and kept: `state()` goes into the
+    checkpoints' loop state and `load_state` gives a resumed run the same statistics."""
 
     def __init__(
         self, prompts: Prompts, score: Scorer, batch_size: int, seed: int, algo: str = "rloo"
@@ -218,6 +218,14 @@ class RLOOSource(OnlineSource):
             "reward_sum": float(sum(raw)),
         }
         return rows, counts
+
+    def state(self) -> dict[str, Any]:
+        return {"reward_stats": list(self.stats)} if self.stats is not None else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state.get("reward_stats"):
+            mean, std = state["reward_stats"]
+            self.stats = (float(mean), float(std))
 
     def describe(self, counts: dict[str, Any]) -> str:
         return f"reward {counts['reward_sum'] / max(1, counts['samples']):.3f} "

@@ -165,6 +165,8 @@ def run(cfg: Config) -> dict[str, Any]:
     L, P, out = cfg.learner, cfg.pipeline, cfg.storage.output_dir
     roles, source = start(cfg)
     prog = resume(cfg, roles)
+    if isinstance(source, RLOOSource):  # what the source fixed once (reward statistics)
+        source.load_state(prog.source_state)
     sink = MetricsSink(cfg.name, None if storage.is_s3(out) else storage.join(out, "tensorboard"))
     prog.busy0, prog.t0 = roles.busy(), time.time()
     overlap = P.max_staleness >= 1
@@ -174,6 +176,8 @@ def run(cfg: Config) -> dict[str, Any]:
         done = roles.pool.collect(pending)  # sample: (rows, version, outputs) per shard
         lag = check_lag(done, prog.version, P.max_staleness)
         pairs, counts = source.pairs(done, step)  # judge + pair
+        if isinstance(source, RLOOSource):
+            prog.source_state = source.state()
         pending = roles.pool.submit(*_work(source, step + 1)) if more and overlap else []
         queue = len(pending)
         metrics = ray.get(roles.learner.step.remote(pairs)) if pairs else {}  # update
@@ -202,13 +206,15 @@ class Progress:
     pairs: int = 0  # pairs trained on by this run's loop
     t0: float = 0.0  # wall clock at this run's first step
     busy0: dict[str, list[float]] = field(default_factory=dict)  # busy seconds then
+    source_state: dict[str, Any] = field(default_factory=dict)  # e.g. rloo's reward stats
 
     def add(self, counts: dict[str, Any]) -> None:
         self.totals = {k: self.totals.get(k, 0) + int(counts.get(k, 0)) for k in self.totals}
         self.pairs += int(counts["pairs"])
 
     def loop_state(self, step: int) -> dict[str, Any]:
-        return {"step": step, "version": self.version, "totals": self.totals}
+        state = {"step": step, "version": self.version, "totals": self.totals}
+        return {**state, "source": self.source_state} if self.source_state else state
 
 
 # ------------------------------------------------------------------ set-up
@@ -316,11 +322,12 @@ def resume(cfg: Config, roles: Roles) -> Progress:
     uri = checkpoint.latest_checkpoint(cfg.storage.checkpoints) if cfg.storage.resume else ""
     if not uri:
         return Progress(0, 0, dict.fromkeys(TOTALS, 0))
-    step, version, totals = resume_point(ray.get(roles.learner.load_checkpoint.remote(uri)))
+    state = ray.get(roles.learner.load_checkpoint.remote(uri))
+    step, version, totals = resume_point(state)
     if version > 0:
         roles.pool.sync(roles.learner.adapter_state.remote(), version)
     print(f"resumed from {uri} at step {step} (weights v{version})")
-    return Progress(step, version, totals)
+    return Progress(step, version, totals, source_state=dict(state.get("source") or {}))
 
 
 def resume_point(state: dict[str, Any]) -> tuple[int, int, dict[str, int]]:

@@ -93,7 +93,15 @@ def test_rloo_and_ppo_loops_train_log_rewards_and_resume(tmp_path: Path) -> None
         question = rec["conversations"][0]["value"].replace("<image>", "").strip()
         want = [object_score(s, names, vocab, question) for s in r["samples"]]
         assert r["rewards"] == want, (r["samples"], names)
-    # rewards were normalised with the first step's statistics: mean 0 over step 0
+    # rewards were normalised with the first step's statistics (mean 0 over step 0), kept
+    # in the checkpoints' loop state, so the resumed run's step 2 used the same ones
     first = [x for r in rows[:3] for x in r["normalized_rewards"]]
     assert abs(sum(first) / len(first)) < 1e-9
+    raw0 = torch.tensor([x for r in rows[:3] for x in r["rewards"]], dtype=torch.float64)
+    mean, std = float(raw0.mean()), float(raw0.std()) or 1.0
+    for r in rows[6:]:  # step 2, written by the resumed run
+        want = [(x - mean) / std for x in r["rewards"]]
+        assert all(abs(a - b) < 1e-9 for a, b in zip(r["normalized_rewards"], want))
+    loop = json.loads((out / "checkpoints" / "step_000003" / "loop_state.json").read_text())
+    assert loop["source"]["reward_stats"] == pytest.approx([mean, std])
     assert (out / "checkpoints" / "step_000003").is_dir()
