@@ -316,7 +316,7 @@ def test_run_that_quarantines_everything_exits_non_zero(ray_cluster: None, tmp_p
         main(argv)
     msg = str(err.value)
     assert msg.startswith("bdhs.py: error: bdhs (") and "every row quarantined" in msg
-    assert "Top reasons: 7 x images: unreadable (FileNotFoundError" in msg
+    assert "Top reasons: 7 x images: unreadable (StorageError: <path> No such file" in msg
     assert "1 x reference: empty" in msg
     assert len((tmp_path / "run" / "bdhs_quarantine.jsonl").read_text().splitlines()) == 8
 
