@@ -53,6 +53,11 @@ def _first_image(row: Mapping[str, Any]) -> Mapping[str, Any]:
     return image
 
 
+def _object_names(row: Mapping[str, Any]) -> list[str]:
+    """The row's annotated objects as names ({name, ...} dicts or plain strings)."""
+    return [o["name"] if isinstance(o, Mapping) else str(o) for o in row["objects"]]
+
+
 def _text_field(row: Mapping[str, Any], name: str) -> str:
     value = row.get(name)
     if not isinstance(value, str) or not value.strip():
@@ -219,9 +224,8 @@ class JudgeEngine:
             assert self.vocab is not None
             out = []
             for row in rows:
-                objects = [o["name"] if isinstance(o, Mapping) else str(o) for o in row["objects"]]
                 question = str(row.get("question") or "")
-                out.append(object_score(row["response"], objects, self.vocab, question))
+                out.append(object_score(row["response"], _object_names(row), self.vocab, question))
             return out
         if self.kind == "reward-model":
             items = [
@@ -240,12 +244,11 @@ class JudgeEngine:
 
     def _judge_objects(self, row: Mapping[str, Any]) -> Verdict:
         assert self.vocab is not None
-        objects = [o["name"] if isinstance(o, Mapping) else str(o) for o in row["objects"]]
         try:
             return object_judge(
                 row["response_a"],
                 row["response_b"],
-                objects,
+                _object_names(row),
                 self.vocab,
                 question=str(row.get("question") or ""),
             )

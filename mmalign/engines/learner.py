@@ -266,19 +266,9 @@ class PreferenceLearner:
             self.model.train(was_training)
 
     def _batch(self, rows: Sequence[Mapping[str, Any]], responses: list[list[str]]) -> dict:
-        s = self.settings
-        batch = build_response_batch(
-            self.processor,
-            [r["image"] for r in rows],
-            [r["prompt"] for r in rows],
-            responses,
-            max_response_tokens=s.max_response_tokens or None,
+        return encode_rows(
+            self.model, self.processor, rows, responses, self.settings.max_response_tokens
         )
-        dtype = next(self.model.parameters()).dtype
-        return {
-            k: v.to(self.device, dtype=dtype if v.is_floating_point() else None)
-            for k, v in batch.items()
-        }
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return cuda_bf16_autocast(self.device)
@@ -342,6 +332,35 @@ class PreferenceLearner:
         export or a vLLM sampler). Costs one extra model copy of memory; the learner keeps
         training its own unmerged weights."""
         return copy.deepcopy(self.model).merge_and_unload()
+
+
+def encode_rows(
+    model: torch.nn.Module,
+    processor: Any,
+    rows: Sequence[Mapping[str, Any]],
+    responses: list[list[str]],
+    max_response_tokens: int = 0,
+) -> dict[str, torch.Tensor]:
+    """`build_response_batch` of rows' image + prompt with `responses` (G per row), on the
+    model's device, floats in its dtype; max_response_tokens 0 = keep all."""
+    batch = build_response_batch(
+        processor,
+        [r["image"] for r in rows],
+        [r["prompt"] for r in rows],
+        responses,
+        max_response_tokens=max_response_tokens or None,
+    )
+    param = next(model.parameters())
+    return {
+        k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else None)
+        for k, v in batch.items()
+    }
+
+
+def text_hidden_size(model: Any) -> int:
+    """Hidden size of a LLaVA's language model (text_config) or of a plain LM."""
+    config = model.config
+    return int(getattr(config, "text_config", config).hidden_size)
 
 
 @contextlib.contextmanager

@@ -16,15 +16,11 @@ from typing import Any
 import torch
 
 from mmalign.config import LearnerConfig
-from mmalign.logprobs import build_response_batch, split_groups
+from mmalign.engines.learner import encode_rows, text_hidden_size
+from mmalign.logprobs import split_groups
 from mmalign.losses import bradley_terry_loss
 
 HEAD_FILE, HEAD_META = "reward_head.safetensors", "reward_head.json"
-
-
-def _hidden_size(model: Any) -> int:
-    config = model.config
-    return int(getattr(config, "text_config", config).hidden_size)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -49,23 +45,22 @@ class RewardModel:
     ) -> None:
         from peft import get_peft_model
 
-        from mmalign.engines.learner import lora_config
+        from mmalign.engines.learner import _fork_rng, lora_config
 
         self.settings, self.processor = settings, processor
         generator = torch.Generator().manual_seed(settings.seed)
         param = next(model.parameters())
         if settings.lora_r > 0:
-            state = torch.random.get_rng_state()
-            torch.manual_seed(settings.seed)
-            model = get_peft_model(model, lora_config(settings))
-            torch.random.set_rng_state(state)
+            with _fork_rng(settings.seed):  # LoRA init as the preference learner's
+                model = get_peft_model(model, lora_config(settings))
         else:
             model.requires_grad_(False)
         self.model = model
         if head is None:
-            head = torch.nn.Linear(_hidden_size(model), 1)
+            hidden = text_hidden_size(model)
+            head = torch.nn.Linear(hidden, 1)
             with torch.no_grad():
-                head.weight.normal_(0.0, 1.0 / _hidden_size(model) ** 0.5, generator=generator)
+                head.weight.normal_(0.0, 1.0 / hidden**0.5, generator=generator)
                 head.bias.zero_()
         self.head = head.to(param.device, param.dtype)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -77,18 +72,9 @@ class RewardModel:
         self.steps = 0
 
     def _batch(self, rows: Sequence[Mapping[str, Any]], responses: list[list[str]]) -> dict:
-        batch = build_response_batch(
-            self.processor,
-            [r["image"] for r in rows],
-            [r["prompt"] for r in rows],
-            responses,
-            max_response_tokens=self.settings.max_response_tokens or None,
+        return encode_rows(
+            self.model, self.processor, rows, responses, self.settings.max_response_tokens
         )
-        param = next(self.model.parameters())
-        return {
-            k: v.to(param.device, dtype=param.dtype if v.is_floating_point() else None)
-            for k, v in batch.items()
-        }
 
     def _scores(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", "response_mask")}

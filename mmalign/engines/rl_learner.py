@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from mmalign import rl
-from mmalign.engines.learner import PreferenceLearner
+from mmalign.engines.learner import PreferenceLearner, text_hidden_size
 from mmalign.logprobs import model_response_logps, split_groups
 
 
@@ -90,8 +90,7 @@ class PPOLearner(RLOOLearner):
     state (checkpoints and resume), not of the exported policy."""
 
     def __init__(self, model: Any, processor: Any, settings: Any, **kw: Any) -> None:
-        config = model.config
-        hidden = int(getattr(config, "text_config", config).hidden_size)
+        hidden = text_hidden_size(model)
         param = next(model.parameters())
         # before the optimizer is built: the head joins the adapter's parameter group
         self.value_head = torch.nn.Linear(hidden, 1).to(param.device, param.dtype)
@@ -135,12 +134,10 @@ class PPOLearner(RLOOLearner):
         scores = torch.tensor(
             [[float(x) for x in r["rewards"]] for r in rows], dtype=torch.float64
         ).T.reshape(-1)  # group-major, as build_response_batch orders the sequences
-        with torch.no_grad():
-            self.model.eval()
+        with torch.no_grad(), self._eval_mode():
             old_lp, old_v = self._forward(batch)
             with self.model.disable_adapter():
                 ref_lp, _ = self._forward(batch)
-            self.model.train()
         old_lp, mask = pack_responses(old_lp.double(), mask_full)
         old_v, _ = pack_responses(old_v.double(), mask_full)
         ref_lp, _ = pack_responses(ref_lp.double(), mask_full)
