@@ -23,7 +23,6 @@ import hashlib
 import json
 import sys
 import tempfile
-from math import comb
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python pipeline
 from mmalign import io, storage  # noqa: E402
 from mmalign import quarantine as guard  # noqa: E402
 from mmalign.config import Config, parse_args  # noqa: E402
-
-
-def binomial_tail(successes: int, trials: int, p: float = 0.5) -> float:
-    """P(X >= successes) for X ~ Binomial(trials, p)."""
-    return sum(
-        comb(trials, k) * p**k * (1 - p) ** (trials - k) for k in range(successes, trials + 1)
-    )
+from mmalign.metrics.significance import binomial_tail  # noqa: E402
 
 
 def split_held_out(rows: list[dict[str, Any]], n: int) -> tuple[list[dict], list[dict]]:

@@ -137,3 +137,33 @@ def proxied_s3(monkeypatch: Any) -> Iterator[Proxy]:
     finally:
         storage.set_retry_policy(old)
         proxy.stop()
+
+
+POLICY = Path(__file__).resolve().parents[1] / "assets/models/shapes-llava-small"
+
+
+def small_bdhs_config(tmp_path: Path, rows: int, **more: Any) -> tuple[Any, list[str]]:
+    """(config, prompt ids) of a short bdhs.py run the fault tests count by id: `rows`
+    ShapesWorld prompts as Parquet under tmp_path, the shipped tiny policy, 8 new tokens,
+    batches and shards of 4, identical pairs flagged (every row kept); `more` overrides
+    (e.g. storage.output_dir, bdhs.n_bdhs, storage.retries)."""
+    from mmalign import io as mio
+    from mmalign.config import load
+
+    records, quarantine = mio.read_prompts("shapesworld:pref", max_rows=rows)
+    assert not quarantine
+    mio.write_prompts(records, str(tmp_path / "prompts.parquet"))
+    cfg = load(
+        None,
+        {
+            "data.prompts": str(tmp_path / "prompts.parquet"),
+            "sampler.model": str(POLICY),
+            "sampler.max_new_tokens": 8,
+            "sampler.batch_size": 4,
+            "bdhs.splitter": "regex",
+            "bdhs.identical": "flag",  # keep every row: the fault tests count them by id
+            "storage.shard_rows": 4,
+            **more,
+        },
+    )
+    return cfg, [r["id"] for r in records]

@@ -12,11 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mmalign import io as mio
-from mmalign.config import load
-from tests.faults import kill_when_exists
-
-POLICY = Path(__file__).resolve().parents[2] / "assets/models/shapes-llava-small"
+from tests.faults import POLICY, kill_when_exists, small_bdhs_config
 
 
 @pytest.mark.ray
@@ -27,22 +23,8 @@ def test_embedder_killed_mid_bdhs_loses_and_duplicates_nothing(tmp_path: Path) -
     from pipelines.bdhs import run_bdhs
 
     assert (POLICY / "config.json").exists(), "the shipped tiny policy is missing"
-    records, quarantine = mio.read_prompts("shapesworld:pref", max_rows=24)
-    assert not quarantine
-    mio.write_prompts(records, str(tmp_path / "prompts.parquet"))
-    cfg = load(
-        None,
-        {
-            "data.prompts": str(tmp_path / "prompts.parquet"),
-            "sampler.model": str(POLICY),
-            "sampler.max_new_tokens": 8,
-            "sampler.batch_size": 4,
-            "bdhs.n_bdhs": 3,
-            "bdhs.splitter": "regex",
-            "storage.output_dir": str(tmp_path / "run"),
-            "storage.shard_rows": 4,
-            "bdhs.identical": "flag",  # keep every row: this test counts them by id
-        },
+    cfg, prompt_ids = small_bdhs_config(
+        tmp_path, 24, **{"bdhs.n_bdhs": 3, "storage.output_dir": str(tmp_path / "run")}
     )
     out_dir = tmp_path / "run" / "bdhs"
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
@@ -62,6 +44,6 @@ def test_embedder_killed_mid_bdhs_loses_and_duplicates_nothing(tmp_path: Path) -
         for i in pq.read_table(shard).column("id").to_pylist()
     ]
     assert summary["total_rows"] == 24
-    assert sorted(ids) == sorted(r["id"] for r in records) and len(ids) == len(set(ids))
+    assert sorted(ids) == sorted(prompt_ids) and len(ids) == len(set(ids))
     # the restarted embedder served the rest of the run from a new process
     assert all(a["pid"] != killed[0] for a in summary["embedder_actors"])

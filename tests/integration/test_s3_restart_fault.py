@@ -19,9 +19,8 @@ import pytest
 
 from mmalign import io as mio
 from mmalign import storage
-from tests.faults import Proxy, proxied_s3
+from tests.faults import Proxy, proxied_s3, small_bdhs_config
 
-POLICY = Path(__file__).resolve().parents[2] / "assets/models/shapes-llava-small"
 ROWS = 12  # 3 shards of 4
 
 
@@ -74,28 +73,16 @@ def _stop_after_first_shard(
 
 
 def _config(tmp_path: Path, bucket: str, retries: int, backoff_s: float) -> tuple[Any, list[str]]:
-    from mmalign.config import load
-
-    records, quarantine = mio.read_prompts("shapesworld:pref", max_rows=ROWS)
-    assert not quarantine
-    mio.write_prompts(records, str(tmp_path / "prompts.parquet"))
-    cfg = load(
-        None,
-        {
-            "data.prompts": str(tmp_path / "prompts.parquet"),
-            "sampler.model": str(POLICY),
-            "sampler.max_new_tokens": 8,
-            "sampler.batch_size": 4,
+    return small_bdhs_config(
+        tmp_path,
+        ROWS,
+        **{
             "bdhs.n_bdhs": 2,
-            "bdhs.splitter": "regex",
-            "bdhs.identical": "flag",  # keep every row: this test counts them by id
             "storage.output_dir": f"{bucket}/run",
-            "storage.shard_rows": 4,
             "storage.retries": retries,
             "storage.retry_backoff_s": backoff_s,
         },
     )
-    return cfg, [r["id"] for r in records]
 
 
 def _ids_in_bucket(bucket: str) -> list[str]:

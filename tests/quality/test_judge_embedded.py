@@ -11,25 +11,18 @@ A guessing judge keeps ~half its pairs and is right on ~half of those (p ~ 0.5).
 
 from __future__ import annotations
 
-from math import comb
 from pathlib import Path
 
 import pytest
 
 from mmalign.config import JudgeConfig
 from mmalign.engines.judge_engine import JudgeEngine
+from mmalign.metrics.significance import binomial_tail
 from pipelines.eval_judge import evaluate_judge, held_out_rows
 
 MODEL = Path(__file__).resolve().parents[2] / "assets" / "models" / "shapes-llava-judge"
 N_PAIRS = 160
 P_MAX = 1e-3
-
-
-def binomial_tail(successes: int, trials: int, p: float = 0.5) -> float:
-    """P(X >= successes) for X ~ Binomial(trials, p)."""
-    return sum(
-        comb(trials, k) * p**k * (1 - p) ** (trials - k) for k in range(successes, trials + 1)
-    )
 
 
 def test_binomial_tail_hand_numbers_on_cpu() -> None:
