@@ -111,3 +111,29 @@ def test_ppo_raises_the_rewarded_answer_and_checkpoints_its_value_head(tmp_path)
             [{"image": row["image"], "prompt": row["prompt"], "chosen": SAMPLES[0]}]
         ),
     )
+
+
+def test_reward_model_rloo_and_ppo_on_llava_next_with_mixed_tiles(tmp_path) -> None:  # noqa: ANN001
+    """LLaVA-1.6 (AnyRes): rows of different aspect ratios (different tile counts) in one
+    batch through the reward model, an RLOO step and a PPO step."""
+    from mmalign.engines.reward_model import RewardModel
+    from mmalign.engines.rl_learner import PPOLearner
+    from mmalign.models.loading import load_model
+    from tests.llava_next import SIZES, jpeg, save_tiny_llava_next
+
+    path = save_tiny_llava_next(tmp_path / "next")
+    rows = [
+        {"image": jpeg(size, seed=i), "prompt": "Describe the image.", "samples": SAMPLES,
+         "rewards": [1.0, -1.0, 0.0, 0.0], "chosen": SAMPLES[0], "rejected": SAMPLES[1]}
+        for i, size in enumerate(SIZES[:3])
+    ]  # fmt: skip
+    settings = LearnerConfig(lora_r=4, lora_alpha=8, lr=1e-2, lora_dropout=0.0, seed=0)
+    model, processor = load_model(path)
+    rm = RewardModel(model, processor, settings)
+    assert rm.score(rows).shape == (3,) and rm.step(rows)["loss"] > 0
+    model, processor = load_model(path)
+    rloo = RLOOLearner(model, processor, settings).rloo_step(rows, 0.0, 1.0, 0.05)
+    assert rloo["stepped"] == 1.0 and rloo["grad_norm"] > 0
+    model, processor = load_model(path)
+    ppo = PPOLearner(model, processor, settings).ppo_step(rows, kl_coef=0.05)
+    assert ppo["stepped"] == 1.0 and ppo["grad_norm"] > 0 and ppo["value_loss"] > 0
